@@ -1,0 +1,12 @@
+"""bncy: fast, bitwise-reproducible batch normalization for NumPy on the CPU.
+
+Forward (training and inference) and the closed-form backward pass, in Cython
+with OpenMP, statistics in float64, results identical for every thread count.
+``bncy.reference`` holds the same functions in pure NumPy.
+"""
+
+from bncy import reference
+from bncy._api import backward, forward, inference, openmp_enabled
+from bncy._version import __version__
+
+__all__ = ["forward", "backward", "inference", "openmp_enabled", "reference", "__version__"]

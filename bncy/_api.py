@@ -1,0 +1,420 @@
+"""The public functions of bncy: validation, layouts, allocation, threads.
+
+Everything a caller can get wrong is checked here, before any output or running
+statistic is written; ``bncy._kernels`` then runs unchecked loops on C-contiguous
+``(N, C, S)`` views (see its Design block).
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+
+from bncy import _kernels
+
+__all__ = ["forward", "backward", "inference", "openmp_enabled"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: Below this many elements the kernels run on the calling thread: starting an
+#: OpenMP team costs more than it saves. Results do not depend on it.
+SMALL_WORK = 1 << 15
+
+
+def openmp_enabled() -> bool:
+    """Whether the kernels were compiled with OpenMP (else they run serially)."""
+    return _kernels.openmp_enabled()
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------
+
+def _as_float_array(a, name: str) -> np.ndarray:
+    arr = a if type(a) is np.ndarray else np.asarray(a)
+    if arr.dtype not in _FLOATS:
+        raise TypeError(
+            f"bncy: {name} has dtype {arr.dtype}; supported dtypes are float32 and float64"
+        )
+    return arr
+
+
+def _check_x(x, name: str = "x") -> np.ndarray:
+    x = _as_float_array(x, name)
+    if x.ndim < 2:
+        raise ValueError(
+            f"bncy: {name} must have at least 2 dimensions (batch and channel); "
+            f"got shape {x.shape}"
+        )
+    if x.size == 0:
+        raise ValueError(f"bncy: {name} is empty (shape {x.shape})")
+    return x
+
+
+def _check_axis(axis, ndim: int) -> int:
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"bncy: axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"bncy: axis {axis} is out of range for an array of {ndim} dimensions")
+    return ax % ndim
+
+
+def _check_vector(v, name: str, C: int, *, writeable: bool = False):
+    """A per-channel vector of shape (C,): returned as given (for in-place updates)."""
+    arr = _as_float_array(v, name)
+    if arr.shape != (C,):
+        raise ValueError(f"bncy: {name} must have shape ({C},), got {arr.shape}")
+    if writeable and not (type(v) is np.ndarray and v.flags.writeable):
+        raise ValueError(f"bncy: {name} must be a writeable ndarray (it is updated in place)")
+    return arr
+
+
+def _as_f64(v) -> np.ndarray | None:
+    if v is None:
+        return None
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"bncy: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_eps(eps) -> float:
+    e = _check_real(eps, "eps")
+    if not (np.isfinite(e) and e >= 0.0):
+        raise ValueError(f"bncy: eps must be finite and >= 0, got {eps!r}")
+    return e
+
+
+def _resolve_threads(n_threads, size: int) -> int:
+    if n_threads is None:
+        nt = _kernels.max_threads()
+    else:
+        if isinstance(n_threads, (bool, np.bool_)):
+            raise TypeError("bncy: n_threads must be an integer or None, got bool")
+        try:
+            nt = operator.index(n_threads)
+        except TypeError:
+            raise TypeError(
+                f"bncy: n_threads must be an integer or None, got {type(n_threads).__name__}"
+            ) from None
+        if nt < 1:
+            raise ValueError(f"bncy: n_threads must be >= 1, got {nt}")
+    return 1 if size < SMALL_WORK else nt
+
+
+# ---------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------
+
+def _layout_perm(a: np.ndarray):
+    """Axis order in which ``a`` is C-contiguous: None for plain C order, a tuple for a
+    transposed view of a C-contiguous block (an NCHW view of NHWC memory, say), and
+    False when no order works."""
+    if a.flags.c_contiguous:
+        return None
+    perm = tuple(sorted(range(a.ndim), key=lambda i: (-abs(a.strides[i]), i)))
+    if a.transpose(perm).flags.c_contiguous:
+        return perm
+    return False
+
+
+def _in_order(a: np.ndarray, perm) -> np.ndarray:
+    """``a`` transposed by perm and made C-contiguous (a copy only when needed)."""
+    t = a if perm is None else a.transpose(perm)
+    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
+
+
+def _ncs(a: np.ndarray, axis: int) -> np.ndarray:
+    """The (N, C, S) view of a C-contiguous array around its channel axis."""
+    shape = a.shape
+    n = 1
+    for d in shape[:axis]:
+        n *= d
+    s = 1
+    for d in shape[axis + 1:]:
+        s *= d
+    return a.reshape(n, shape[axis], s)
+
+
+def _choose_layout(x: np.ndarray, out):
+    """The axis order every array of one call is processed in."""
+    if out is not None:
+        perm = _layout_perm(out)
+        if perm is False:
+            raise ValueError(
+                "bncy: out must be C-contiguous (or laid out exactly like the input)"
+            )
+        return perm
+    perm = _layout_perm(x)
+    return None if perm is False else perm
+
+
+def _check_out(out, like: np.ndarray, name: str = "out") -> None:
+    if type(out) is not np.ndarray:
+        raise TypeError(f"bncy: {name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"bncy: {name} has shape {out.shape}, expected {like.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"bncy: {name} has dtype {out.dtype}, expected {like.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"bncy: {name} is read-only")
+
+
+def _unaliased(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``a`` itself when writing ``out`` element by element cannot clobber a value still
+    to be read (no overlap, or the very same elements); else a copy of ``a``."""
+    if not np.may_share_memory(a, out):
+        return a
+    same = (a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+            and a.strides == out.strides)
+    return a if same else a.copy()
+
+
+def _result(t: np.ndarray, perm) -> np.ndarray:
+    """Undo the axis order of a processed array."""
+    return t if perm is None else t.transpose(np.argsort(perm))
+
+
+def _alloc_like(t: np.ndarray, out, perm) -> np.ndarray:
+    return np.empty_like(t) if out is None else _in_order(out, perm)
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
+            running_var=None, momentum=0.1, out=None, n_threads=None):
+    """Batch normalization, training mode: normalise with the batch statistics.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k), float32 or float64
+        The batch. Statistics are taken per channel (along ``axis``) over every
+        other axis. Read-only arrays and any memory layout are accepted.
+    gamma, beta : ndarray of shape (C,), optional
+        Per-channel scale and shift (float32 or float64). None means 1 and 0.
+    eps : float, default 1e-5
+        Added to the variance before the square root; finite and >= 0.
+    axis : int, default 1
+        The channel axis; negative values count from the end.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Running statistics, updated in place (both or neither), PyTorch's way:
+        ``r = (1 - momentum) * r + momentum * s`` with the batch mean and the
+        unbiased batch variance (``var * n / (n - 1)``).
+    momentum : float, default 0.1
+        In [0, 1].
+    out : ndarray, optional
+        Where to write y: x's shape and dtype, C-contiguous or laid out exactly
+        like x. May be x itself.
+    n_threads : int, optional
+        OpenMP threads; None uses OpenMP's default (OMP_NUM_THREADS, threadpoolctl).
+        Results are bitwise identical for every value.
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+        ``gamma * (x - mean) * invstd + beta``; ``out`` when given.
+    mean : ndarray of shape (C,), float64
+        The batch mean.
+    invstd : ndarray of shape (C,), float64
+        ``1 / sqrt(var + eps)`` with the biased batch variance.
+
+    Raises
+    ------
+    TypeError
+        A dtype other than float32/float64, or an argument of the wrong kind.
+    ValueError
+        A wrong shape, axis, size or parameter, fewer than 2 values per channel,
+        or an unusable ``out``. Nothing is written when an exception is raised.
+    """
+    x = _check_x(x)
+    ax = _check_axis(axis, x.ndim)
+    C = x.shape[ax]
+    count = x.size // C
+    if count < 2:
+        raise ValueError(
+            f"bncy: expected more than 1 value per channel when training, "
+            f"got input of shape {x.shape} (axis={axis})"
+        )
+    if gamma is not None:
+        gamma = _check_vector(gamma, "gamma", C)
+    if beta is not None:
+        beta = _check_vector(beta, "beta", C)
+    e = _check_eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bncy: give both running_mean and running_var, or neither")
+    if running_mean is not None:
+        _check_vector(running_mean, "running_mean", C, writeable=True)
+        _check_vector(running_var, "running_var", C, writeable=True)
+        m = _check_real(momentum, "momentum")
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"bncy: momentum must be in [0, 1], got {momentum!r}")
+    if out is not None:
+        _check_out(out, x)
+        x = _unaliased(x, out)
+    nt = _resolve_threads(n_threads, x.size)
+
+    perm = _choose_layout(x, out)
+    xt = _in_order(x, perm)
+    yt = _alloc_like(xt, out, perm)
+    axt = ax if perm is None else perm.index(ax)
+    x3, y3 = _ncs(xt, axt), _ncs(yt, axt)
+
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    _kernels.moments(x3, mean, m2, nt)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    scale = np.empty(C)
+    _kernels.train_coefficients(m2, float(count), e, _as_f64(gamma), var, invstd, scale)
+    shift = np.zeros(C) if beta is None else _as_f64(beta)
+    _kernels.affine(x3, mean, scale, shift, y3, nt)
+
+    if running_mean is not None:
+        unbiased = m2 / (count - 1)
+        running_mean[...] = (1.0 - m) * running_mean + m * mean
+        running_var[...] = (1.0 - m) * running_var + m * unbiased
+    y = out if out is not None else _result(yt, perm)
+    return y, mean, invstd
+
+
+def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1,
+              out=None, n_threads=None):
+    """Batch normalization, inference mode: normalise with the running statistics.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k), float32 or float64
+        The input; any layout.
+    running_mean, running_var : ndarray of shape (C,)
+        The statistics to normalise with (float32 or float64); not modified.
+    gamma, beta : ndarray of shape (C,), optional
+        Per-channel scale and shift. None means 1 and 0.
+    eps : float, default 1e-5
+        Finite and >= 0.
+    axis : int, default 1
+        The channel axis.
+    out : ndarray, optional
+        As in :func:`forward`; may be x itself.
+    n_threads : int, optional
+        As in :func:`forward`.
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in :func:`forward`. A single value per channel is fine here.
+    """
+    x = _check_x(x)
+    ax = _check_axis(axis, x.ndim)
+    C = x.shape[ax]
+    running_mean = _check_vector(running_mean, "running_mean", C)
+    running_var = _check_vector(running_var, "running_var", C)
+    if gamma is not None:
+        gamma = _check_vector(gamma, "gamma", C)
+    if beta is not None:
+        beta = _check_vector(beta, "beta", C)
+    e = _check_eps(eps)
+    if out is not None:
+        _check_out(out, x)
+        x = _unaliased(x, out)
+    nt = _resolve_threads(n_threads, x.size)
+
+    perm = _choose_layout(x, out)
+    xt = _in_order(x, perm)
+    yt = _alloc_like(xt, out, perm)
+    axt = ax if perm is None else perm.index(ax)
+
+    scale = np.empty(C)
+    _kernels.inference_coefficients(_as_f64(running_var), e, _as_f64(gamma), scale)
+    shift = np.zeros(C) if beta is None else _as_f64(beta)
+    _kernels.affine(_ncs(xt, axt), _as_f64(running_mean), scale, shift, _ncs(yt, axt), nt)
+    return out if out is not None else _result(yt, perm)
+
+
+def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
+    """Gradients of training-mode batch normalization (the closed form).
+
+    With ``g = gamma * dy`` and ``xhat = (x - mean) * invstd``, per channel over the
+    M = x.size / C values of the channel::
+
+        dx     = invstd / M * (M * g - sum(g) - xhat * sum(g * xhat))
+        dgamma = sum(dy * xhat)
+        dbeta  = sum(dy)
+
+    Parameters
+    ----------
+    dy : ndarray of x's shape, x's dtype
+        Gradient of the loss with respect to y.
+    x : ndarray, float32 or float64
+        The input of the forward pass.
+    mean, invstd : ndarray of shape (C,), float32 or float64
+        As returned by :func:`forward`.
+    gamma : ndarray of shape (C,), optional
+        The scale used in the forward pass; None means 1.
+    axis : int, default 1
+        The channel axis.
+    out : ndarray, optional
+        Where to write dx: x's shape and dtype, C-contiguous or laid out exactly
+        like x. May be dy (or x) itself.
+    n_threads : int, optional
+        As in :func:`forward`; results are bitwise identical for every value.
+
+    Returns
+    -------
+    dx : ndarray of x's shape and dtype
+    dgamma, dbeta : ndarray of shape (C,), x's dtype
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in :func:`forward`; also when dy's shape or dtype differs from x's.
+    """
+    x = _check_x(x)
+    dy = _check_x(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"bncy: dy has shape {dy.shape}, expected x's shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"bncy: dy has dtype {dy.dtype}, expected x's dtype {x.dtype}")
+    ax = _check_axis(axis, x.ndim)
+    C = x.shape[ax]
+    mean = _check_vector(mean, "mean", C)
+    invstd = _check_vector(invstd, "invstd", C)
+    if gamma is not None:
+        gamma = _check_vector(gamma, "gamma", C)
+    if out is not None:
+        _check_out(out, x)
+        x = _unaliased(x, out)
+        dy = _unaliased(dy, out)
+    nt = _resolve_threads(n_threads, x.size)
+
+    perm = _choose_layout(x, out)
+    xt = _in_order(x, perm)
+    dyt = _in_order(dy, perm)
+    dxt = _alloc_like(xt, out, perm)
+    axt = ax if perm is None else perm.index(ax)
+    x3, dy3, dx3 = _ncs(xt, axt), _ncs(dyt, axt), _ncs(dxt, axt)
+
+    mean64 = _as_f64(mean)
+    sdy = np.empty(C)
+    sdyx = np.empty(C)
+    _kernels.grad_sums(dy3, x3, mean64, sdy, sdyx, nt)
+    a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+    _kernels.backward_coefficients(sdy, sdyx, _as_f64(invstd), _as_f64(gamma),
+                                   float(x.size // C), a, b, k, dgamma)
+    _kernels.grad_input(dy3, x3, mean64, a, b, k, dx3, nt)
+
+    dx = out if out is not None else _result(dxt, perm)
+    return dx, dgamma.astype(x.dtype, copy=False), sdy.astype(x.dtype, copy=False)

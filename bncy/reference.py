@@ -1,0 +1,111 @@
+"""Pure-NumPy batch normalization: the oracle of the tests and the speed baseline.
+
+Same signatures as :func:`bncy.forward`, :func:`bncy.backward` and
+:func:`bncy.inference`; everything is computed in float64 and cast to x's dtype
+at the end. Written to be read beside ``docs/derivation.md``: each line is one
+equation there. ``out`` is honoured; ``n_threads`` is accepted and ignored.
+It validates only what it needs to compute; the error contract is bncy's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["forward", "backward", "backward_staged", "inference"]
+
+
+def _axes(x: np.ndarray, axis: int):
+    ax = axis % x.ndim
+    reduce = tuple(i for i in range(x.ndim) if i != ax)
+    bshape = [1] * x.ndim
+    bshape[ax] = x.shape[ax]
+    return reduce, tuple(bshape), x.size // x.shape[ax]
+
+
+def _per_channel(v, bshape, default):
+    if v is None:
+        return np.full(bshape, default, dtype=np.float64)
+    return np.asarray(v, dtype=np.float64).reshape(bshape)
+
+
+def _emit(value: np.ndarray, dtype, out):
+    if out is None:
+        return value.astype(dtype)
+    out[...] = value
+    return out
+
+
+def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
+            running_var=None, momentum=0.1, out=None, n_threads=None):
+    """Training-mode forward pass; returns (y, mean, invstd) like :func:`bncy.forward`."""
+    x = np.asarray(x)
+    reduce, bshape, M = _axes(x, axis)
+    X = x.astype(np.float64)
+    mu = X.mean(axis=reduce)                                   # (1) mean
+    xc = X - mu.reshape(bshape)
+    var = (xc * xc).mean(axis=reduce)                          # (2) biased variance, two-pass
+    invstd = 1.0 / np.sqrt(var + eps)                          # (3)
+    xhat = xc * invstd.reshape(bshape)                         # (4) x-hat
+    y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)  # (5)
+    if running_mean is not None:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mu
+        running_var[...] = (1 - momentum) * running_var + momentum * var * M / (M - 1)
+    return _emit(y, x.dtype, out), mu, invstd
+
+
+def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1,
+              out=None, n_threads=None):
+    """Inference-mode pass with the running statistics, like :func:`bncy.inference`."""
+    x = np.asarray(x)
+    _, bshape, _ = _axes(x, axis)
+    X = x.astype(np.float64)
+    rm = _per_channel(running_mean, bshape, 0.0)
+    rv = _per_channel(running_var, bshape, 1.0)
+    xhat = (X - rm) / np.sqrt(rv + eps)
+    y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)
+    return _emit(y, x.dtype, out)
+
+
+def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
+    """Closed-form backward pass; returns (dx, dgamma, dbeta) like :func:`bncy.backward`.
+
+    With g = gamma * dy: dx = invstd / M * (M g - sum(g) - xhat * sum(g xhat)).
+    """
+    x = np.asarray(x)
+    reduce, bshape, M = _axes(x, axis)
+    X = x.astype(np.float64)
+    DY = np.asarray(dy, dtype=np.float64)
+    s = np.asarray(invstd, dtype=np.float64).reshape(bshape)
+    xhat = (X - np.asarray(mean, dtype=np.float64).reshape(bshape)) * s
+    dbeta = DY.sum(axis=reduce)                                # (6)
+    dgamma = (DY * xhat).sum(axis=reduce)                      # (7)
+    g = _per_channel(gamma, bshape, 1.0) * DY                  # (8) dl/dxhat
+    sum_g = g.sum(axis=reduce).reshape(bshape)
+    sum_gx = (g * xhat).sum(axis=reduce).reshape(bshape)
+    dx = s / M * (M * g - sum_g - xhat * sum_gx)               # (13) the closed form
+    return _emit(dx, x.dtype, out), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def backward_staged(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
+    """The chain rule step by step, as in Ioffe & Szegedy (2015), Algorithm 1's backward.
+
+    Goes through dl/dxhat, dl/dvar and dl/dmu explicitly (equations (8)-(12) of
+    docs/derivation.md); same results as :func:`backward` up to rounding.
+    """
+    x = np.asarray(x)
+    reduce, bshape, M = _axes(x, axis)
+    X = x.astype(np.float64)
+    DY = np.asarray(dy, dtype=np.float64)
+    mu = np.asarray(mean, dtype=np.float64).reshape(bshape)
+    s = np.asarray(invstd, dtype=np.float64).reshape(bshape)
+    var_eps = 1.0 / (s * s)                                    # sigma^2 + eps
+    xc = X - mu
+    xhat = xc * s
+    dxhat = _per_channel(gamma, bshape, 1.0) * DY              # (8)
+    dvar = (dxhat * xc).sum(axis=reduce).reshape(bshape) * -0.5 * var_eps ** -1.5  # (9)
+    dmu = ((-dxhat * s).sum(axis=reduce).reshape(bshape)
+           + dvar * (-2.0 * xc).sum(axis=reduce).reshape(bshape) / M)             # (10)
+    dx = dxhat * s + dvar * 2.0 * xc / M + dmu / M             # (11)
+    dgamma = (DY * xhat).sum(axis=reduce)
+    dbeta = DY.sum(axis=reduce)
+    return _emit(dx, x.dtype, out), dgamma.astype(x.dtype), dbeta.astype(x.dtype)

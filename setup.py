@@ -1,0 +1,99 @@
+"""Build the compiled kernels of bncy.
+
+Compiler flags live in one place, ``BuildExt``: ``-O3`` plus OpenMP
+(``-fopenmp`` with gcc/clang, ``/openmp`` with MSVC) when a probe program
+builds, a serial build with a warning otherwise. ``-ffp-contract=off`` keeps
+every build rounding the same way whether or not the target has FMA.
+No ``-march=native`` and no ``-ffast-math``: wheels must run on any x86-64 and
+NaN/inf must propagate.
+
+``BNCY_DEBUG=1`` builds with bounds checks, wraparound, initialisation checks,
+C assertions and ``-O0 -g``.
+"""
+
+import os
+import sys
+import tempfile
+import textwrap
+import warnings
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+DEBUG = os.environ.get("BNCY_DEBUG", "0") not in ("", "0")
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+
+def _openmp_flags(compiler):
+    if compiler.compiler_type == "msvc":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def _has_openmp(compiler, cflags, lflags):
+    """Compile and link a tiny OpenMP program with these flags."""
+    src = textwrap.dedent(
+        """
+        #include <omp.h>
+        int main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }
+        """
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as fh:
+            fh.write(src)
+        try:
+            objs = compiler.compile([path], output_dir=tmp, extra_postargs=cflags)
+            compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=lflags)
+        except Exception:  # noqa: BLE001 - any failure means no OpenMP
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    """Adds optimisation and OpenMP flags for the compiler actually in use."""
+
+    def build_extensions(self):
+        cc = self.compiler
+        omp_c, omp_l = _openmp_flags(cc)
+        if os.environ.get("BNCY_NO_OPENMP", "0") not in ("", "0"):
+            omp_c, omp_l = [], []
+        elif not _has_openmp(cc, omp_c, omp_l):
+            warnings.warn(
+                "bncy: this compiler cannot build OpenMP programs; the kernels will "
+                "run on one thread (bncy.openmp_enabled() returns False).",
+                stacklevel=1,
+            )
+            omp_c, omp_l = [], []
+        if cc.compiler_type == "msvc":
+            opt = ["/Od", "/Zi"] if DEBUG else ["/O2", "/fp:precise"]
+        else:
+            opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
+            opt += ["-ffp-contract=off", "-Wno-unreachable-code"]
+        for ext in self.extensions:
+            ext.extra_compile_args = opt + omp_c
+            ext.extra_link_args = omp_l
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "bncy._kernels",
+        ["bncy/_kernels.pyx"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
+                          force=DEBUG, quiet=True),
+    cmdclass={"build_ext": BuildExt},
+)
