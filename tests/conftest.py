@@ -1,0 +1,66 @@
+"""Shared helpers: shapes, tolerances, data makers, the optional torch oracle."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+import bncy._api
+
+settings.register_profile("ci", max_examples=300, deadline=None)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+DTYPES = [np.float32, np.float64]
+
+# (shape, axis): every schedule and edge of the blocking (see bncy/_kernels.pyx):
+# rows (S < 32) with row blocks of 64 and column tiles of 256, planes (S >= 32)
+# with segments of 4096, the smallest legal sizes, 3-D and 5-D, every axis form.
+CASES = [
+    ((2, 1), 1),            # M=2, C=1: the smallest training input
+    ((2, 3), 1),
+    ((7, 1), -1),
+    ((64, 256), 1),         # exactly one block
+    ((130, 513), 1),        # row blocks and column tiles with remainders
+    ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
+    ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
+    ((3, 5, 6, 7), 1),      # NCHW, S=42 (planes schedule, one segment)
+    ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
+    ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
+    ((3, 4, 5), 0),         # channel axis first
+    ((4, 3, 5, 2), 2),      # a middle axis
+    ((2, 3, 2, 3, 4), 1),   # 5-D
+    ((2, 3, 2, 3, 4), -2),
+]
+
+
+def case_id(case):
+    shape, axis = case
+    return "x".join(map(str, shape)) + f"-ax{axis}"
+
+
+def tol(dtype):
+    """(rtol, atol) for results in dtype compared with the float64 reference."""
+    if np.dtype(dtype) == np.float32:
+        return 2e-6, 2e-6
+    return 1e-11, 1e-11
+
+
+def make(shape, dtype, rng, scale=1.0, offset=0.0):
+    return (offset + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def force_threads(monkeypatch):
+    """Start OpenMP teams even for tiny inputs, so small tests exercise threads."""
+    monkeypatch.setattr(bncy._api, "SMALL_WORK", 0)
+
+
+def per_channel(rng, C, dtype=np.float64):
+    return rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)

@@ -1,0 +1,93 @@
+"""The numerical guarantees: bitwise reproducibility across thread counts, float64
+statistics on float32 data, channel isolation of NaN and inf."""
+
+import numpy as np
+import pytest
+from conftest import DTYPES, make
+from numpy.testing import assert_allclose, assert_array_equal
+
+import bncy
+from bncy import reference
+
+# Shapes chosen to cross block boundaries in each schedule with several threads.
+DET_CASES = [
+    ((1000, 37), 1),         # rows, many row blocks
+    ((70, 600), 1),          # rows, several column tiles
+    ((300, 7, 5), 1),        # rows with S=5
+    ((6, 5, 33, 33), 1),     # planes
+    ((2, 3, 9000), 1),       # planes, several segments per run
+    ((5, 9, 9, 16), -1),     # channels-last
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", DET_CASES)
+def test_bitwise_identical_for_every_thread_count(shape, axis, dtype, rng, force_threads):
+    x = make(shape, dtype, rng, scale=5.0, offset=100.0)
+    dy = make(shape, dtype, rng)
+    C = shape[axis]
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    results = []
+    for nt in (1, 2, 3, 4):
+        rm, rv = np.zeros(C), np.ones(C)
+        y, m, s = bncy.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv,
+                               n_threads=nt)
+        dx, dg, db = bncy.backward(dy, x, m, s, g, axis=axis, n_threads=nt)
+        yi = bncy.inference(x, rm, rv, g, b, axis=axis, n_threads=nt)
+        results.append((y, m, s, rm, rv, dx, dg, db, yi))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert_array_equal(a, b_)
+
+
+def test_float32_offset_data_within_1e5_of_float64_truth(rng):
+    # x = 1e4 + N(0, 1) in float32: catastrophic for E[x^2] - E[x]^2 and float32 sums
+    x = (1e4 + rng.standard_normal((65536, 16))).astype(np.float32)
+    y, mean, invstd = bncy.forward(x)
+    truth_y, truth_m, truth_s = reference.forward(x.astype(np.float64))
+    assert np.max(np.abs(y - truth_y)) < 1e-5
+    assert_allclose(mean, truth_m, rtol=1e-14)
+    assert_allclose(invstd, truth_s, rtol=1e-10)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, _, _ = bncy.backward(dy, x, mean, invstd)
+    truth_dx = reference.backward(dy.astype(np.float64), x.astype(np.float64),
+                                  truth_m, truth_s)[0]
+    assert np.max(np.abs(dx - truth_dx)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_float32_offset_data_nchw_and_rows(layout, rng):
+    shape = (64, 4, 32, 32) if layout == "planes" else (4096, 4, 3)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    y, _, _ = bncy.forward(x)
+    truth = reference.forward(x.astype(np.float64))[0]
+    assert np.max(np.abs(y - truth)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_channels_give_zero(dtype):
+    x = np.full((50, 3), 1e7, dtype=dtype)      # PyTorch #5410 gave +-1 here
+    x[:, 1] = -3.0
+    y, m, s = bncy.forward(x)
+    assert_array_equal(y, 0.0)
+    assert_allclose(m, [1e7, -3.0, 1e7])
+
+
+@pytest.mark.parametrize("shape,axis", [((40, 4), 1), ((3, 4, 50), 1), ((3, 4, 5), 1)])
+def test_nan_and_inf_stay_in_their_channel(shape, axis, rng):
+    x = make(shape, np.float64, rng)
+    x[(0,) * len(shape[:axis]) + (1,)] = np.nan
+    x[(1,) * len(shape[:axis]) + (2,)] = np.inf
+    dy = make(shape, np.float64, rng)
+    y, m, s = bncy.forward(x, axis=axis)
+    dx, dg, db = bncy.backward(dy, x, m, s, axis=axis)
+    clean = [0, 3]
+    take = lambda a: np.take(a, clean, axis=axis)  # noqa: E731
+    xr = take(x)
+    yr, mr, sr = reference.forward(xr, axis=axis)
+    assert_allclose(take(y), yr, rtol=1e-12, atol=1e-12)
+    assert_allclose(m[clean], mr, rtol=1e-12)
+    assert_allclose(take(dx), reference.backward(take(dy), xr, mr, sr, axis=axis)[0],
+                    rtol=1e-10, atol=1e-12)
+    assert np.isnan(m[1]) and np.all(np.isnan(np.take(y, 1, axis=axis)))
+    assert not np.isfinite(m[2])
