@@ -12,7 +12,6 @@ C assertions and ``-O0 -g``.
 """
 
 import os
-import sys
 import tempfile
 import textwrap
 import warnings

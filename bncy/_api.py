@@ -11,8 +11,11 @@ import numbers
 import operator
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from bncy import _kernels
+
+_Floats = NDArray[np.floating]
 
 __all__ = ["forward", "backward", "inference", "openmp_enabled"]
 
@@ -190,8 +193,11 @@ def _alloc_like(t: np.ndarray, out, perm) -> np.ndarray:
 # Public functions
 # ---------------------------------------------------------------------------
 
-def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
-            running_var=None, momentum=0.1, out=None, n_threads=None):
+def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+            eps: float = 1e-5, axis: int = 1, running_mean: _Floats | None = None,
+            running_var: _Floats | None = None, momentum: float = 0.1,
+            out: _Floats | None = None, n_threads: int | None = None,
+            ) -> tuple[_Floats, NDArray[np.float64], NDArray[np.float64]]:
     """Batch normalization, training mode: normalise with the batch statistics.
 
     Parameters
@@ -286,8 +292,10 @@ def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
     return y, mean, invstd
 
 
-def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1,
-              out=None, n_threads=None):
+def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
+              gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+              eps: float = 1e-5, axis: int = 1, out: _Floats | None = None,
+              n_threads: int | None = None) -> _Floats:
     """Batch normalization, inference mode: normalise with the running statistics.
 
     Parameters
@@ -344,7 +352,9 @@ def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, 
     return out if out is not None else _result(yt, perm)
 
 
-def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
+def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+             gamma: ArrayLike | None = None, *, axis: int = 1, out: _Floats | None = None,
+             n_threads: int | None = None) -> tuple[_Floats, _Floats, _Floats]:
     """Gradients of training-mode batch normalization (the closed form).
 
     With ``g = gamma * dy`` and ``xhat = (x - mean) * invstd``, per channel over the

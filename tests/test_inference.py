@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import CASES, DTYPES, case_id, make, per_channel, tol
 from numpy.testing import assert_allclose, assert_array_equal
 
 import bncy
 from bncy import reference
+from conftest import CASES, DTYPES, case_id, make, per_channel, tol
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])

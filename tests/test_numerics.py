@@ -3,11 +3,11 @@ statistics on float32 data, channel isolation of NaN and inf."""
 
 import numpy as np
 import pytest
-from conftest import DTYPES, make
 from numpy.testing import assert_allclose, assert_array_equal
 
 import bncy
 from bncy import reference
+from conftest import DTYPES, make
 
 # Shapes chosen to cross block boundaries in each schedule with several threads.
 DET_CASES = [

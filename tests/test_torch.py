@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import make
 from numpy.testing import assert_allclose
 
 import bncy
+from conftest import make
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -22,7 +22,7 @@ def test_forward_backward_and_running_stats_match_torch_autograd(shape, rng):
     tx = torch.tensor(x, requires_grad=True)
     tg = torch.tensor(g, requires_grad=True)
     tb = torch.tensor(b, requires_grad=True)
-    for step in range(3):  # repeated steps: the running statistics accumulate
+    for _ in range(3):  # repeated steps: the running statistics accumulate
         y, m, s = bncy.forward(x, g, b, running_mean=rm, running_var=rv, momentum=0.1)
         ty = F.batch_norm(tx, trm, trv, tg, tb, training=True, momentum=0.1, eps=1e-5)
     assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
