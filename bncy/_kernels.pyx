@@ -13,15 +13,17 @@ axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules:
 * rows (S < ROWS_MAX_RUN): x is the row-major matrix (N, K = C*S). A block is
   ROW_BLOCK rows x COL_TILE columns; the loop over columns is innermost, with one
   float64 accumulator per column, so it vectorises without reassociating any
-  sum. Per-channel vectors are expanded to K columns; the S columns of a channel
+  sum. Block statistics take one pass, shifted by the block's first row. Per-channel vectors are expanded to K columns; the S columns of a channel
   are merged at the end, in column order.
 * planes (S >= ROWS_MAX_RUN): each (n, c) is a contiguous run of S values, cut
   into segments of at most SEG values. A block is one segment; sums along it use
   8 interleaved float64 accumulators in a fixed pattern, added pairwise.
 
-Precision. Statistics accumulate in float64 whatever the input dtype. The
-variance is two-pass within each block while the block is in cache (block mean,
-then sum of squared deviations about it): never E[x^2] - E[x]^2. Blocks are
+Precision. Statistics accumulate in float64 whatever the input dtype, and never
+as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the
+block's first row, which bounds the cancellation by a factor 1 + ROW_BLOCK
+whatever the data (see _block_col_moments); planes segments (in L1) are two-pass:
+segment mean, then squared deviations about it. Blocks are
 merged with Chan's formula, which is exact for unequal counts. The elementwise
 passes compute (x - center) in float64 and round once when storing.
 
@@ -83,24 +85,58 @@ cdef inline void _block_col_moments(
         double* mean_out,    # OUT [k0:k1] mean of rows r0:r1
         double* m2_out,      # OUT [k0:k1] sum of squared deviations about it
 ) noexcept nogil:
-    # Two passes over rows r0:r1 (the block stays in L1/L2), rows in order.
-    cdef Py_ssize_t r, k
-    cdef const floating* row
-    cdef double d, n = <double> (r1 - r0)
-    for k in range(k0, k1):
-        mean_out[k] = 0.0
-        m2_out[k] = 0.0
-    for r in range(r0, r1):
-        row = x + r * K
-        for k in range(k0, k1):
-            mean_out[k] += row[k]
-    for k in range(k0, k1):
-        mean_out[k] = mean_out[k] / n
-    for r in range(r0, r1):
-        row = x + r * K
-        for k in range(k0, k1):
-            d = row[k] - mean_out[k]
-            m2_out[k] += d * d
+    # One pass over rows r0:r1 in order, with sums shifted by the block's first
+    # row p: S1 = sum(x - p), S2 = sum((x - p)**2), M2 = S2 - S1**2 / n. Since
+    # sum((x - mean)**2) >= (p - mean)**2, S2 <= (1 + n) * M2: the subtraction
+    # loses at most a factor 1 + ROW_BLOCK of relative precision, for any data.
+    # Rows go 4 at a time through each column's accumulators, added one row
+    # after the other (the same order, a quarter of the loads and stores).
+    cdef double p[COL_TILE]
+    cdef double s1[COL_TILE]
+    cdef double s2[COL_TILE]
+    cdef Py_ssize_t r, q, k, w = k1 - k0, nq = (r1 - r0 - 1) // 4
+    cdef const floating* a
+    cdef const floating* b
+    cdef const floating* c
+    cdef const floating* e
+    cdef double d0, d1, d2, d3, t1, t2, m2, n = <double> (r1 - r0)
+    a = x + r0 * K + k0
+    for k in range(w):
+        p[k] = a[k]
+        s1[k] = 0.0
+        s2[k] = 0.0
+    for q in range(nq):
+        a = x + (r0 + 1 + 4 * q) * K + k0
+        b = a + K
+        c = b + K
+        e = c + K
+        for k in range(w):
+            d0 = a[k] - p[k]
+            d1 = b[k] - p[k]
+            d2 = c[k] - p[k]
+            d3 = e[k] - p[k]
+            t1 = s1[k]
+            t2 = s2[k]
+            t1 = t1 + d0
+            t2 = t2 + d0 * d0
+            t1 = t1 + d1
+            t2 = t2 + d1 * d1
+            t1 = t1 + d2
+            t2 = t2 + d2 * d2
+            t1 = t1 + d3
+            t2 = t2 + d3 * d3
+            s1[k] = t1
+            s2[k] = t2
+    for r in range(r0 + 1 + 4 * nq, r1):
+        a = x + r * K + k0
+        for k in range(w):
+            d0 = a[k] - p[k]
+            s1[k] += d0
+            s2[k] += d0 * d0
+    for k in range(w):
+        m2 = s2[k] - s1[k] * (s1[k] / n)
+        m2_out[k0 + k] = 0.0 if m2 < 0.0 else m2
+        mean_out[k0 + k] = p[k] + s1[k] / n
 
 
 cdef inline void _block_col_grad_sums(
@@ -111,21 +147,42 @@ cdef inline void _block_col_grad_sums(
         double* sdy_out,       # OUT [k0:k1] sum of dy over rows r0:r1
         double* sdyx_out,      # OUT [k0:k1] sum of dy * (x - center)
 ) noexcept nogil:
-    # One pass over rows r0:r1, rows in order.
-    cdef Py_ssize_t r, k
-    cdef const floating* drow
-    cdef const floating* xrow
-    cdef double g
-    for k in range(k0, k1):
-        sdy_out[k] = 0.0
-        sdyx_out[k] = 0.0
-    for r in range(r0, r1):
-        drow = dy + r * K
-        xrow = x + r * K
-        for k in range(k0, k1):
-            g = drow[k]
-            sdy_out[k] += g
-            sdyx_out[k] += g * (xrow[k] - center[k])
+    # One pass over rows r0:r1 in order, 2 rows at a time through each column's
+    # accumulators (added one row after the other), which live on the stack.
+    cdef double s1[COL_TILE]
+    cdef double s2[COL_TILE]
+    cdef Py_ssize_t r, q, k, w = k1 - k0, nq = (r1 - r0) // 2
+    cdef const floating* ga
+    cdef const floating* gb
+    cdef const floating* xa
+    cdef const floating* xb
+    cdef const double* ce = center + k0
+    cdef double g0, g1, t1, t2
+    for k in range(w):
+        s1[k] = 0.0
+        s2[k] = 0.0
+    for q in range(nq):
+        ga = dy + (r0 + 2 * q) * K + k0
+        gb = ga + K
+        xa = x + (r0 + 2 * q) * K + k0
+        xb = xa + K
+        for k in range(w):
+            g0 = ga[k]
+            g1 = gb[k]
+            t1 = s1[k] + g0
+            t2 = s2[k] + g0 * (xa[k] - ce[k])
+            s1[k] = t1 + g1
+            s2[k] = t2 + g1 * (xb[k] - ce[k])
+    for r in range(r0 + 2 * nq, r1):
+        ga = dy + r * K + k0
+        xa = x + r * K + k0
+        for k in range(w):
+            g0 = ga[k]
+            s1[k] += g0
+            s2[k] += g0 * (xa[k] - ce[k])
+    for k in range(w):
+        sdy_out[k0 + k] = s1[k]
+        sdyx_out[k0 + k] = s2[k]
 
 
 cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
