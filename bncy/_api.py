@@ -83,6 +83,8 @@ def _as_f64(v) -> np.ndarray | None:
 
 
 def _check_real(value, name: str) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"bncy: {name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -96,6 +98,8 @@ def _check_eps(eps) -> float:
 
 
 def _resolve_threads(n_threads, size: int) -> int:
+    if type(n_threads) is int and n_threads >= 1:
+        return 1 if size < SMALL_WORK else n_threads
     if n_threads is None:
         nt = _kernels.max_threads()
     else:
@@ -284,10 +288,9 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     shift = np.zeros(C) if beta is None else _as_f64(beta)
     _kernels.affine(x3, mean, scale, shift, y3, nt)
 
-    if running_mean is not None:
-        unbiased = m2 / (count - 1)
-        running_mean[...] = (1.0 - m) * running_mean + m * mean
-        running_var[...] = (1.0 - m) * running_var + m * unbiased
+    if running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
+        _kernels.ema_update(running_mean, mean, m, 1.0)
+        _kernels.ema_update(running_var, m2, m, 1.0 / (count - 1))
     y = out if out is not None else _result(yt, perm)
     return y, mean, invstd
 

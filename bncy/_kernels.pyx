@@ -741,3 +741,42 @@ def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
             a_out[c] = g * s
             b_out[c] = -(g * s) * (s * s) * (sdyx[c] / count)
             k_out[c] = -(g * s) * (sdy[c] / count)
+
+
+# ---------------------------------------------------------------------------
+# Memory-bandwidth probes for bncy.bench (same compiler, flags and threads)
+# ---------------------------------------------------------------------------
+
+def stream_read(const floating[::1] x, int n_threads):
+    """Sum of x in SEG-sized chunks (a read-only sweep); returns the sum."""
+    cdef Py_ssize_t n = x.shape[0], nb = _cdiv(n, SEG), b
+    cdef double total = 0.0
+    with nogil:
+        for b in prange(nb, schedule='static', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            total += _run_sum(&x[b * SEG], _imin(SEG, n - b * SEG))
+    return total
+
+
+def stream_scale(const floating[::1] x, floating[::1] y_out, int n_threads):
+    """y = 2 * x (one read and one write sweep)."""
+    cdef Py_ssize_t n = x.shape[0], i
+    with nogil:
+        for i in prange(n, schedule='static', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            y_out[i] = x[i] * 2
+
+
+ctypedef fused stat_t:
+    float
+    double
+
+
+def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any stride
+               const double[::1] v,      # IN (C,) this batch's value (before factor)
+               double momentum, double factor):
+    """r = (1 - momentum) * r + momentum * (factor * v), in float64."""
+    cdef Py_ssize_t c
+    with nogil:
+        for c in range(r.shape[0]):
+            r[c] = <stat_t> ((1.0 - momentum) * r[c] + momentum * (factor * v[c]))

@@ -1,0 +1,231 @@
+"""``python -m bncy.bench``: bncy against PyTorch's CPU kernels and the NumPy reference.
+
+Same arrays, same thread count, one run. For every case it reports the median
+time, the speed-up over torch and over the reference, and the fraction of the
+memory-bandwidth bound reached, with the bandwidth measured in the same run by
+two kernels compiled into bncy (a read sweep and a read+write sweep).
+
+The bound counts the fewest crossings of the memory bus: inference reads x and
+writes y; training forward also reads x once more for the statistics, unless x
+fits in the last-level cache; backward reads x and dy for the sums and again
+for dx (unless they fit in cache), and writes dx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+
+import bncy
+from bncy import _kernels, reference
+
+LLC_BYTES = 32 << 20  # re-reads of arrays this small are assumed to hit the cache
+
+SHAPES = [
+    ("(64, 256)", (64, 256), 1),
+    ("(1024, 4096)", (1024, 4096), 1),
+    ("(65536, 512)", (65536, 512), 1),
+    ("NCHW (32, 64, 56, 56)", (32, 64, 56, 56), 1),
+    ("NHWC (32, 56, 56, 64)", (32, 56, 56, 64), -1),
+]
+QUICK_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3]]
+OPS = ("forward", "inference", "backward")
+
+
+def _median(f, repeats: int, budget: float) -> float:
+    f()
+    times = []
+    t_end = time.perf_counter() + budget
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return float(np.median(times))
+
+
+def measure_bandwidth(n_threads: int, nbytes: int = 256 << 20) -> dict:
+    """Read and read+write bandwidth in GB/s (bytes crossing the bus per second)."""
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    y = np.empty_like(x)
+    t_read = min(_median(lambda: _kernels.stream_read(x, n_threads), 3, 2.0) for _ in range(2))
+    t_copy = min(_median(lambda: _kernels.stream_scale(x, y, n_threads), 3, 2.0)
+                 for _ in range(2))
+    return {"read": x.nbytes / t_read / 1e9, "copy": 2 * x.nbytes / t_copy / 1e9}
+
+
+def bound_seconds(op: str, nbytes: int, bw: dict) -> float:
+    R, W = bw["read"] * 1e9, bw["copy"] * 1e9
+    cached = nbytes * (2 if op == "backward" else 1) <= LLC_BYTES // 2
+    if op == "inference":
+        return 2 * nbytes / W
+    if op == "forward":
+        return 2 * nbytes / W + (0 if cached else nbytes / R)
+    return 3 * nbytes / W + (0 if cached else 2 * nbytes / R)
+
+
+def _torch_case(torch, x, dy, axis, C):
+    if axis == -1:   # the NCHW view of NHWC memory: torch's channels_last
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2)
+        tdy = torch.from_numpy(dy).permute(0, 3, 1, 2)
+    else:
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+    w = torch.ones(C, dtype=tx.dtype)
+    b = torch.zeros(C, dtype=tx.dtype)
+    rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
+    nbn = torch.ops.aten.native_batch_norm
+    saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
+    return {
+        "forward": lambda: nbn(tx, w, b, rm, rv, True, 0.1, 1e-5),
+        "inference": lambda: nbn(tx, w, b, rm, rv, False, 0.1, 1e-5),
+        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, w, rm, rv, saved[1], saved[2], True, 1e-5, [True, True, True]),
+    }
+
+
+def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=True):
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("note: torch is not installed; its column is empty "
+              "(pip install torch==2.13.0)", file=sys.stderr)
+    rows, bws = [], {}
+    total = len(threads) * len(shapes) * len(dtypes)
+    done = 0
+    for nt in threads:
+        bws[nt] = measure_bandwidth(nt)
+        if torch is not None:
+            torch.set_num_threads(nt)
+        for name, shape, axis in shapes:
+            for dtype in dtypes:
+                done += 1
+                if progress:
+                    print(f"\r[{done}/{total}] {nt} thread(s) {name} {np.dtype(dtype).name}"
+                          + " " * 10, end="", file=sys.stderr, flush=True)
+                rng = np.random.default_rng(0)
+                x = rng.standard_normal(shape).astype(dtype)
+                dy = rng.standard_normal(shape).astype(dtype)
+                C = shape[axis]
+                g, b = np.ones(C, dtype), np.zeros(C, dtype)
+                rm, rv = np.zeros(C), np.ones(C)
+                _, m, s = bncy.forward(x, g, b, axis=axis)
+                ours = {
+                    "forward": lambda: bncy.forward(x, g, b, axis=axis, running_mean=rm,
+                                                    running_var=rv, n_threads=nt),
+                    "inference": lambda: bncy.inference(x, rm, rv, g, b, axis=axis,
+                                                        n_threads=nt),
+                    "backward": lambda: bncy.backward(dy, x, m, s, g, axis=axis,
+                                                      n_threads=nt),
+                }
+                ref = {
+                    "forward": lambda: reference.forward(x, g, b, axis=axis),
+                    "inference": lambda: reference.inference(x, rm, rv, g, b, axis=axis),
+                    "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis),
+                }
+                peer = _torch_case(torch, x, dy, axis, C) if torch is not None else {}
+                for op in OPS:
+                    t = _median(ours[op], repeats, budget)
+                    tt = _median(peer[op], repeats, budget) if op in peer else None
+                    tr = (_median(ref[op], max(3, repeats // 3), budget)
+                          if with_reference else None)
+                    tb = bound_seconds(op, x.nbytes, bws[nt])
+                    rows.append({
+                        "case": name, "shape": list(shape), "axis": axis,
+                        "dtype": np.dtype(dtype).name, "op": op, "threads": nt,
+                        "bncy_s": t, "torch_s": tt, "reference_s": tr,
+                        "bound_s": tb, "mbytes": x.nbytes / 1e6,
+                    })
+    if progress:
+        print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+    return rows, bws
+
+
+def _fmt_time(t):
+    if t is None:
+        return "-"
+    return f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+
+
+def table(rows, bws) -> str:
+    out = []
+    for nt, bw in bws.items():
+        out.append(f"threads={nt}: read {bw['read']:.1f} GB/s, read+write {bw['copy']:.1f} GB/s")
+    head = (f"{'case':24s} {'dtype':8s} {'op':10s} {'thr':>3s} {'bncy':>10s} {'torch':>10s} "
+            f"{'reference':>10s} {'vs torch':>9s} {'vs ref':>8s} {'of bound':>9s}")
+    out += [head, "-" * len(head)]
+    for r in rows:
+        vt = f"{r['torch_s'] / r['bncy_s']:.2f}x" if r["torch_s"] else "-"
+        vr = f"{r['reference_s'] / r['bncy_s']:.1f}x" if r["reference_s"] else "-"
+        frac = f"{100 * r['bound_s'] / r['bncy_s']:.0f}%"
+        out.append(f"{r['case']:24s} {r['dtype']:8s} {r['op']:10s} {r['threads']:3d} "
+                   f"{_fmt_time(r['bncy_s']):>10s} {_fmt_time(r['torch_s']):>10s} "
+                   f"{_fmt_time(r['reference_s']):>10s} {vt:>9s} {vr:>8s} {frac:>9s}")
+    return "\n".join(out)
+
+
+def plot(rows, bws, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = sorted(bws)
+    fig, axes = plt.subplots(len(threads), 1, figsize=(14, 4.5 * len(threads)), squeeze=False)
+    for ax, nt in zip(axes[:, 0], threads):
+        sel = [r for r in rows if r["threads"] == nt]
+        labels = [f"{r['case']}\n{r['dtype']} {r['op']}" for r in sel]
+        pos = np.arange(len(sel))
+        gbs = lambda key: [r["mbytes"] / 1e3 / r[key] if r[key] else 0 for r in sel]  # noqa: E731
+        for i, (key, name) in enumerate([("bncy_s", "bncy"), ("torch_s", "torch"),
+                                         ("reference_s", "NumPy reference")]):
+            ax.bar(pos + (i - 1) * 0.27, gbs(key), width=0.27, label=name)
+        ax.plot(pos, [r["mbytes"] / 1e3 / r["bound_s"] for r in sel], "k_", ms=14,
+                label="bandwidth bound")
+        ax.set_xticks(pos, labels, rotation=90, fontsize=6)
+        ax.set_ylabel("x's size / time (GB/s)")
+        ax.set_title(f"{nt} thread(s), {platform.processor() or platform.machine()}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bncy.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (1,2)")
+    p.add_argument("--quick", action="store_true", help="a small subset, well under a minute")
+    p.add_argument("--dtypes", default="float32,float64")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--budget", type=float, default=1.5, help="seconds per timing at most")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    args = p.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    dtypes = [np.dtype(d) for d in args.dtypes.split(",")]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 5 if args.quick else args.repeats
+    budget = 0.3 if args.quick else args.budget
+    rows, bws = run(threads, shapes, dtypes, repeats, budget,
+                    with_reference=not args.no_reference)
+    print(f"bncy {bncy.__version__}, OpenMP {bncy.openmp_enabled()}, "
+          f"{platform.machine()}, {platform.python_version()}")
+    print(table(rows, bws))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine()},
+                      fh, indent=1)
+    if args.plot:
+        plot(rows, bws, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
