@@ -395,6 +395,12 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
+    return _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, batch_stats=True)
+
+
+def _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, *, batch_stats: bool):
+    """backward's body. With batch_stats=False, mean and invstd are constants (the
+    running statistics of an eval-mode pass), so dx = gamma * invstd * dy."""
     x = _check_x(x)
     dy = _check_x(dy, "dy")
     if dy.shape != x.shape:
@@ -427,6 +433,9 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
     _kernels.backward_coefficients(sdy, sdyx, _as_f64(invstd), _as_f64(gamma),
                                    float(x.size // C), a, b, k, dgamma)
+    if not batch_stats:  # statistics independent of x: no terms through mean and var
+        b[:] = 0.0
+        k[:] = 0.0
     _kernels.grad_input(dy3, x3, mean64, a, b, k, dx3, nt)
 
     dx = out if out is not None else _result(dxt, perm)

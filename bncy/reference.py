@@ -82,14 +82,14 @@ def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=Non
     g = _per_channel(gamma, bshape, 1.0) * DY                  # (8) dl/dxhat
     sum_g = g.sum(axis=reduce).reshape(bshape)
     sum_gx = (g * xhat).sum(axis=reduce).reshape(bshape)
-    dx = s / M * (M * g - sum_g - xhat * sum_gx)               # (13) the closed form
+    dx = s / M * (M * g - sum_g - xhat * sum_gx)               # (12) the closed form
     return _emit(dx, x.dtype, out), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 
 def backward_staged(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
     """The chain rule step by step, as in Ioffe & Szegedy (2015), Algorithm 1's backward.
 
-    Goes through dl/dxhat, dl/dvar and dl/dmu explicitly (equations (8)-(12) of
+    Goes through dl/dxhat, dl/dvar and dl/dmu explicitly (equations (8)-(11) of
     docs/derivation.md); same results as :func:`backward` up to rounding.
     """
     x = np.asarray(x)
