@@ -7,11 +7,16 @@ every build rounding the same way whether or not the target has FMA.
 No ``-march=native`` and no ``-ffast-math``: wheels must run on any x86-64 and
 NaN/inf must propagate.
 
+On x86-64 the same kernels are compiled a second time with ``-mavx2``
+(``bncy._kernels_avx2``); ``bncy._api`` imports it when the CPU has AVX2. Both
+perform the same IEEE operations in the same order, so results are identical.
+
 ``BNCY_DEBUG=1`` builds with bounds checks, wraparound, initialisation checks,
 C assertions and ``-O0 -g``.
 """
 
 import os
+import platform
 import tempfile
 import textwrap
 import warnings
@@ -79,17 +84,18 @@ class BuildExt(build_ext):
             opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
             opt += ["-ffp-contract=off", "-Wno-unreachable-code"]
         for ext in self.extensions:
-            ext.extra_compile_args = opt + omp_c
+            isa = []
+            if ext.name.endswith("_avx2"):
+                isa = ["/arch:AVX2"] if cc.compiler_type == "msvc" else ["-mavx2"]
+            ext.extra_compile_args = opt + isa + omp_c
             ext.extra_link_args = omp_l
         super().build_extensions()
 
 
-extensions = [
-    Extension(
-        "bncy._kernels",
-        ["bncy/_kernels.pyx"],
-    )
-]
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+extensions = [Extension("bncy._kernels", ["bncy/_kernels.pyx"])]
+if X86_64 and os.environ.get("BNCY_NO_AVX2", "0") in ("", "0"):
+    extensions.append(Extension("bncy._kernels_avx2", ["bncy/_kernels_avx2.pyx"]))
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,

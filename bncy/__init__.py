@@ -6,11 +6,11 @@ with OpenMP, statistics in float64, results identical for every thread count.
 """
 
 from bncy import reference
-from bncy._api import backward, forward, inference, openmp_enabled
+from bncy._api import backward, forward, inference, isa, openmp_enabled
 from bncy._layer import BatchNorm
 from bncy._version import __version__
 
 __all__ = [
-    "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "reference",
+    "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "isa", "reference",
     "__version__",
 ]

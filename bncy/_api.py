@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bncy import _kernels
+from bncy import _kernels as _baseline
+
+
+def _select_kernels():
+    """The AVX2 build of the kernels when the CPU has AVX2, else the baseline one.
+    BNCY_ISA=baseline forces the baseline (results are identical either way)."""
+    if os.environ.get("BNCY_ISA", "").lower() == "baseline" or not _baseline.cpu_has_avx2():
+        return _baseline
+    try:
+        from bncy import _kernels_avx2
+    except ImportError:
+        return _baseline
+    return _kernels_avx2
+
+
+_kernels = _select_kernels()
 
 _Floats = NDArray[np.floating]
 
-__all__ = ["forward", "backward", "inference", "openmp_enabled"]
+__all__ = ["forward", "backward", "inference", "openmp_enabled", "isa"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -29,6 +45,11 @@ SMALL_WORK = 1 << 15
 def openmp_enabled() -> bool:
     """Whether the kernels were compiled with OpenMP (else they run serially)."""
     return _kernels.openmp_enabled()
+
+
+def isa() -> str:
+    """The instruction set of the kernels in use: 'avx2' or 'baseline'."""
+    return _kernels.isa()
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 import bncy
-from bncy import _kernels, reference
+from bncy import reference
+from bncy._api import _kernels
 
 LLC_BYTES = 32 << 20  # re-reads of arrays this small are assumed to hit the cache
 

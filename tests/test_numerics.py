@@ -91,3 +91,30 @@ def test_nan_and_inf_stay_in_their_channel(shape, axis, rng):
                     rtol=1e-10, atol=1e-12)
     assert np.isnan(m[1]) and np.all(np.isnan(np.take(y, 1, axis=axis)))
     assert not np.isfinite(m[2])
+
+
+def test_avx2_and_baseline_builds_agree_bitwise(rng):
+    """The two builds of the kernels run the same operations in the same order."""
+    kernels_avx2 = pytest.importorskip("bncy._kernels_avx2")
+    from bncy import _kernels as base
+
+    if not base.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    for shape in [(300, 37, 1), (20, 7, 5), (3, 4, 5000)]:
+        for dtype in DTYPES:
+            x = make(shape, dtype, rng, scale=3.0, offset=50.0)
+            dy = make(shape, dtype, rng)
+            C = shape[1]
+            out = {}
+            for mod in (base, kernels_avx2):
+                m, m2 = np.empty(C), np.empty(C)
+                mod.moments(x, m, m2, 2)
+                y = np.empty_like(x)
+                mod.affine(x, m, 1 / np.sqrt(m2 + 1.0), np.ones(C), y, 2)
+                s1, s2 = np.empty(C), np.empty(C)
+                mod.grad_sums(dy, x, m, s1, s2, 2)
+                dx = np.empty_like(x)
+                mod.grad_input(dy, x, m, s1, s2, np.ones(C), dx, 2)
+                out[mod.isa()] = (m, m2, y, s1, s2, dx)
+            for a, b in zip(out["baseline"], out["avx2"]):
+                assert_array_equal(a, b)

@@ -1,0 +1,813 @@
+# The kernels of bncy, compiled twice: bncy/_kernels.pyx (baseline ISA) and
+# bncy/_kernels_avx2.pyx (-mavx2 on x86-64, chosen at import when the CPU has it).
+# Both run the same IEEE operations in the same order (no FMA contraction:
+# -ffp-contract=off), so their results are bitwise identical; only the vector
+# width differs.
+#
+# Private kernels of bncy: unchecked loops only. Not public API.
+#
+# Everything a caller can get wrong (dtype, shape, layout, aliasing, thread count)
+# is checked in ``bncy._api`` before these functions are called.
+#
+# Design
+# ------
+# Layout. Every array is C-contiguous and seen as ``(N, C, S)``: N = product of
+# the axes before the channel axis, C channels, S = product of the axes after it.
+# (M, D) with axis=1 is (M, D, 1); NCHW with axis=1 is (N, C, H*W); NHWC with
+# axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules:
+#
+# * rows (S < ROWS_MAX_RUN): x is the row-major matrix (N, K = C*S). A block is
+#   ROW_BLOCK rows x COL_TILE columns; the loop over columns is innermost, with one
+#   float64 accumulator per column, so it vectorises without reassociating any
+#   sum. Block statistics take one pass, shifted by the block's first row.
+#   Per-channel vectors are expanded to K columns; the S columns of a channel are
+#   merged at the end, in column order.
+# * planes (S >= ROWS_MAX_RUN): each (n, c) is a contiguous run of S values, cut
+#   into segments of at most SEG values. A block is one segment; sums along it use
+#   8 interleaved float64 accumulators in a fixed pattern, added pairwise.
+#
+# Precision. Statistics accumulate in float64 whatever the input dtype, and never
+# as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the
+# block's first row, which bounds the cancellation by a factor 1 + ROW_BLOCK
+# whatever the data (see _block_col_moments); planes segments (in L1) are two-pass:
+# segment mean, then squared deviations about it. Blocks are merged with Chan's
+# formula, which is exact for unequal counts. The elementwise passes compute
+# (x - center) in float64 and round once when storing.
+#
+# Reproducibility. Block bounds depend on the shape only, never on the thread
+# count. Each block writes its own row of partial results; after the parallel
+# region the rows are combined in block order (loops parallel over columns, each
+# column's order fixed). So every output is bitwise identical for any n_threads.
+# prange uses schedule='static'; tiny inputs run without starting threads
+# (use_threads_if), which changes who computes a block, not what it computes.
+#
+# Not checked here: shapes, dtypes, contiguity, aliasing, NaN. NaN and inf stay
+# in their own channel because no loop mixes channels.
+
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
+
+from bncy._openmp cimport BNCY_OPENMP_ENABLED, omp_get_max_threads
+
+
+cdef enum:
+    ROW_BLOCK = 256      # rows of a block in the rows schedule
+    COL_TILE = 256       # columns of a block in the rows schedule (and of a merge tile)
+    SEG = 4096           # values of a block in the planes schedule
+    ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
+    NACC = 8             # interleaved accumulators along a contiguous run
+
+BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "SEG": SEG,
+            "ROWS_MAX_RUN": ROWS_MAX_RUN}
+
+
+cdef extern from *:
+    """
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    static int bncy_cpu_has_avx2(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2");
+    }
+    #else
+    static int bncy_cpu_has_avx2(void) { return 0; }
+    #endif
+    #ifdef __AVX2__
+    #define BNCY_BUILT_FOR_AVX2 1
+    #else
+    #define BNCY_BUILT_FOR_AVX2 0
+    #endif
+    """
+    int bncy_cpu_has_avx2() noexcept nogil
+    bint BNCY_BUILT_FOR_AVX2
+
+
+def cpu_has_avx2():
+    """True when this CPU (and OS) supports AVX2."""
+    return bool(bncy_cpu_has_avx2())
+
+
+def isa():
+    """The instruction set this module was compiled for: 'avx2' or 'baseline'."""
+    return "avx2" if BNCY_BUILT_FOR_AVX2 else "baseline"
+
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(BNCY_OPENMP_ENABLED)
+
+
+def max_threads():
+    """OpenMP's default team size (honours OMP_NUM_THREADS and threadpoolctl)."""
+    return omp_get_max_threads()
+
+
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+# ---------------------------------------------------------------------------
+# Block helpers (one block, one thread, in cache)
+# ---------------------------------------------------------------------------
+
+cdef inline void _block_col_moments(
+        const floating* x,   # IN (N, K) row-major
+        Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k0, Py_ssize_t k1,
+        double* mean_out,    # OUT [k0:k1] mean of rows r0:r1
+        double* m2_out,      # OUT [k0:k1] sum of squared deviations about it
+) noexcept nogil:
+    # One pass over rows r0:r1 in order, with sums shifted by the block's first
+    # row p: S1 = sum(x - p), S2 = sum((x - p)**2), M2 = S2 - S1**2 / n. Since
+    # sum((x - mean)**2) >= (p - mean)**2, S2 <= (1 + n) * M2: the subtraction
+    # loses at most a factor 1 + ROW_BLOCK of relative precision, for any data.
+    # Rows go 4 at a time through each column's accumulators, added one row
+    # after the other (the same order, a quarter of the loads and stores).
+    cdef double p[COL_TILE]
+    cdef double s1[COL_TILE]
+    cdef double s2[COL_TILE]
+    cdef Py_ssize_t r, q, k, w = k1 - k0, nq = (r1 - r0 - 1) // 4
+    cdef const floating* a
+    cdef const floating* b
+    cdef const floating* c
+    cdef const floating* e
+    cdef double d0, d1, d2, d3, t1, t2, m2, n = <double> (r1 - r0)
+    a = x + r0 * K + k0
+    for k in range(w):
+        p[k] = a[k]
+        s1[k] = 0.0
+        s2[k] = 0.0
+    for q in range(nq):
+        a = x + (r0 + 1 + 4 * q) * K + k0
+        b = a + K
+        c = b + K
+        e = c + K
+        for k in range(w):
+            d0 = a[k] - p[k]
+            d1 = b[k] - p[k]
+            d2 = c[k] - p[k]
+            d3 = e[k] - p[k]
+            t1 = s1[k]
+            t2 = s2[k]
+            t1 = t1 + d0
+            t2 = t2 + d0 * d0
+            t1 = t1 + d1
+            t2 = t2 + d1 * d1
+            t1 = t1 + d2
+            t2 = t2 + d2 * d2
+            t1 = t1 + d3
+            t2 = t2 + d3 * d3
+            s1[k] = t1
+            s2[k] = t2
+    for r in range(r0 + 1 + 4 * nq, r1):
+        a = x + r * K + k0
+        for k in range(w):
+            d0 = a[k] - p[k]
+            s1[k] += d0
+            s2[k] += d0 * d0
+    for k in range(w):
+        m2 = s2[k] - s1[k] * (s1[k] / n)
+        m2_out[k0 + k] = 0.0 if m2 < 0.0 else m2
+        mean_out[k0 + k] = p[k] + s1[k] / n
+
+
+cdef inline void _block_col_grad_sums(
+        const floating* dy,    # IN (N, K) row-major
+        const floating* x,     # IN (N, K) row-major
+        const double* center,  # IN (K,)
+        Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k0, Py_ssize_t k1,
+        double* sdy_out,       # OUT [k0:k1] sum of dy over rows r0:r1
+        double* sdyx_out,      # OUT [k0:k1] sum of dy * (x - center)
+) noexcept nogil:
+    # One pass over rows r0:r1 in order, 2 rows at a time through each column's
+    # accumulators (added one row after the other), which live on the stack.
+    cdef double s1[COL_TILE]
+    cdef double s2[COL_TILE]
+    cdef Py_ssize_t r, q, k, w = k1 - k0, nq = (r1 - r0) // 2
+    cdef const floating* ga
+    cdef const floating* gb
+    cdef const floating* xa
+    cdef const floating* xb
+    cdef const double* ce = center + k0
+    cdef double g0, g1, t1, t2
+    for k in range(w):
+        s1[k] = 0.0
+        s2[k] = 0.0
+    for q in range(nq):
+        ga = dy + (r0 + 2 * q) * K + k0
+        gb = ga + K
+        xa = x + (r0 + 2 * q) * K + k0
+        xb = xa + K
+        for k in range(w):
+            g0 = ga[k]
+            g1 = gb[k]
+            t1 = s1[k] + g0
+            t2 = s2[k] + g0 * (xa[k] - ce[k])
+            s1[k] = t1 + g1
+            s2[k] = t2 + g1 * (xb[k] - ce[k])
+    for r in range(r0 + 2 * nq, r1):
+        ga = dy + r * K + k0
+        xa = x + r * K + k0
+        for k in range(w):
+            g0 = ga[k]
+            s1[k] += g0
+            s2[k] += g0 * (xa[k] - ce[k])
+    for k in range(w):
+        sdy_out[k0 + k] = s1[k]
+        sdyx_out[k0 + k] = s2[k]
+
+
+cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
+    # Sum of p[0:L]: value i goes to accumulator i % NACC (i < L - L % NACC),
+    # the tail to accumulators 0, 1, ...; then a fixed pairwise combination.
+    cdef double acc[NACC]
+    cdef Py_ssize_t i, j, Lv = L - L % NACC
+    for j in range(NACC):
+        acc[j] = 0.0
+    for i in range(0, Lv // NACC):
+        for j in range(NACC):
+            acc[j] += p[i * NACC + j]
+    for i in range(Lv, L):
+        acc[i - Lv] += p[i]
+    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
+            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+
+
+cdef inline double _run_sqdev(const floating* p, Py_ssize_t L, double c) noexcept nogil:
+    # Sum of (p[i] - c)**2, in the pattern of _run_sum.
+    cdef double acc[NACC]
+    cdef double d
+    cdef Py_ssize_t i, j, Lv = L - L % NACC
+    for j in range(NACC):
+        acc[j] = 0.0
+    for i in range(0, Lv // NACC):
+        for j in range(NACC):
+            d = p[i * NACC + j] - c
+            acc[j] += d * d
+    for i in range(Lv, L):
+        d = p[i] - c
+        acc[i - Lv] += d * d
+    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
+            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+
+
+cdef inline double _run_centered_dot(const floating* dy, const floating* x, Py_ssize_t L,
+                                     double c) noexcept nogil:
+    # Sum of dy[i] * (x[i] - c), in the pattern of _run_sum.
+    cdef double acc[NACC]
+    cdef Py_ssize_t i, j, Lv = L - L % NACC
+    for j in range(NACC):
+        acc[j] = 0.0
+    for i in range(0, Lv // NACC):
+        for j in range(NACC):
+            acc[j] += dy[i * NACC + j] * (x[i * NACC + j] - c)
+    for i in range(Lv, L):
+        acc[i - Lv] += dy[i] * (x[i] - c)
+    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
+            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+
+
+# ---------------------------------------------------------------------------
+# Merges of per-block partial rows (fixed order: block order)
+# ---------------------------------------------------------------------------
+
+cdef inline void _merge_moments(
+        const double* pmean,  # IN (J, W) partial means, one row per block
+        const double* pm2,    # IN (J, W) partial sums of squared deviations
+        Py_ssize_t J, Py_ssize_t W, Py_ssize_t k0, Py_ssize_t k1,
+        Py_ssize_t blk, Py_ssize_t total, Py_ssize_t period,
+        double* mean_out, double* m2_out,  # OUT [k0:k1]
+) noexcept nogil:
+    # Chan et al.: rows 0, 1, ..., J-1 in order. Row j counts
+    # min(blk, total - (j % period) * blk) values in every column.
+    cdef Py_ssize_t j, k
+    cdef double na, nb, n, wb, wab, delta
+    cdef const double* rm
+    cdef const double* rq
+    for k in range(k0, k1):
+        mean_out[k] = pmean[k]
+        m2_out[k] = pm2[k]
+    na = <double> _imin(blk, total)
+    for j in range(1, J):
+        nb = <double> _imin(blk, total - (j % period) * blk)
+        n = na + nb
+        wb = nb / n
+        wab = na * wb
+        rm = pmean + j * W
+        rq = pm2 + j * W
+        for k in range(k0, k1):
+            delta = rm[k] - mean_out[k]
+            mean_out[k] = mean_out[k] + delta * wb
+            m2_out[k] = m2_out[k] + rq[k] + delta * delta * wab
+        na = n
+
+
+cdef inline void _merge_sums(const double* part, Py_ssize_t J, Py_ssize_t W,
+                             Py_ssize_t k0, Py_ssize_t k1, double* out) noexcept nogil:
+    # out[k] = part[0, k] + part[1, k] + ... + part[J-1, k], in that order.
+    cdef Py_ssize_t j, k
+    cdef const double* row
+    for k in range(k0, k1):
+        out[k] = part[k]
+    for j in range(1, J):
+        row = part + j * W
+        for k in range(k0, k1):
+            out[k] += row[k]
+
+
+cdef void _merge_group_moments(const double* cmean, const double* cm2, Py_ssize_t C,
+                               Py_ssize_t S, double count, double* mean_out,
+                               double* m2_out) noexcept nogil:
+    # Columns c*S .. c*S+S-1 (count values each) into channel c, in column order.
+    cdef Py_ssize_t c, s, k
+    cdef double mean, m2, na, wb, wab, delta
+    for c in range(C):
+        k = c * S
+        mean = cmean[k]
+        m2 = cm2[k]
+        na = count
+        for s in range(1, S):
+            wb = count / (na + count)
+            wab = na * wb
+            delta = cmean[k + s] - mean
+            mean = mean + delta * wb
+            m2 = m2 + cm2[k + s] + delta * delta * wab
+            na = na + count
+        mean_out[c] = mean
+        m2_out[c] = m2
+
+
+cdef void _merge_group_sums(const double* col, Py_ssize_t C, Py_ssize_t S,
+                            double* out) noexcept nogil:
+    # Columns c*S .. c*S+S-1 into channel c, in column order.
+    cdef Py_ssize_t c, s
+    cdef double acc
+    for c in range(C):
+        acc = col[c * S]
+        for s in range(1, S):
+            acc = acc + col[c * S + s]
+        out[c] = acc
+
+
+cdef void _expand(const double* v, Py_ssize_t C, Py_ssize_t S, double* out) noexcept nogil:
+    # out[c*S + s] = v[c]: a per-channel vector as one value per column.
+    cdef Py_ssize_t c, s
+    for c in range(C):
+        for s in range(S):
+            out[c * S + s] = v[c]
+
+
+# ---------------------------------------------------------------------------
+# Kernels: statistics
+# ---------------------------------------------------------------------------
+
+cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       double* mean_out, double* m2_out, int n_threads) noexcept nogil:
+    # Blocks: ROW_BLOCK rows x COL_TILE columns of (N, K), row-block-major, so a
+    # thread's consecutive blocks are neighbours in memory. Partial row br holds
+    # the moments of row block br; merged in row-block order per column.
+    cdef Py_ssize_t K = C * S
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, COL_TILE)
+    cdef Py_ssize_t b, br, kt
+    cdef double* part = <double*> malloc(2 * n_rb * K * sizeof(double))
+    cdef double* cols = NULL
+    cdef double* col_mean = mean_out
+    cdef double* col_m2 = m2_out
+    if part == NULL:
+        return -1
+    if S > 1:
+        cols = <double*> malloc(2 * K * sizeof(double))
+        if cols == NULL:
+            free(part)
+            return -1
+        col_mean = cols
+        col_m2 = cols + K
+    for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        br = b // n_kt
+        kt = b % n_kt
+        _block_col_moments(x, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
+                           kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                           part + br * K, part + (n_rb + br) * K)
+    for kt in prange(n_kt, schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        _merge_moments(part, part + n_rb * K, n_rb, K, kt * COL_TILE,
+                       _imin(K, (kt + 1) * COL_TILE), ROW_BLOCK, N, n_rb,
+                       col_mean, col_m2)
+    if S > 1:
+        _merge_group_moments(col_mean, col_m2, C, S, <double> N, mean_out, m2_out)
+        free(cols)
+    free(part)
+    return 0
+
+
+cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         double* mean_out, double* m2_out, int n_threads) noexcept nogil:
+    # Blocks: segment g of run (n, c), ordered (n, c, g) as in memory. Partial
+    # row n*nseg + g, column c; merged per channel in (n, g) order.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg
+    cdef Py_ssize_t b, g, nc, s0, L, j, kt
+    cdef double* part = <double*> malloc(2 * J * C * sizeof(double))
+    cdef double* pmean
+    cdef double* pm2
+    cdef double mean
+    if part == NULL:
+        return -1
+    pmean = part
+    pm2 = part + J * C
+    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        g = b % nseg
+        nc = b // nseg
+        s0 = g * SEG
+        L = _imin(SEG, S - s0)
+        j = (nc // C) * nseg + g
+        mean = _run_sum(x + nc * S + s0, L) / L
+        pmean[j * C + nc % C] = mean
+        pm2[j * C + nc % C] = _run_sqdev(x + nc * S + s0, L, mean)
+    for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        _merge_moments(pmean, pm2, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
+                       SEG, S, nseg, mean_out, m2_out)
+    free(part)
+    return 0
+
+
+def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
+            double[::1] mean_out,          # OUT (C,) mean over axes 0 and 2
+            double[::1] m2_out,            # OUT (C,) sum of squared deviations
+            int n_threads):
+    """Per-channel mean and sum of squared deviations (M2) of x over axes 0, 2."""
+    cdef int rc
+    with nogil:
+        if x.shape[2] < ROWS_MAX_RUN:
+            rc = _moments_rows(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                               &mean_out[0], &m2_out[0], n_threads)
+        else:
+            rc = _moments_planes(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                                 &mean_out[0], &m2_out[0], n_threads)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the partial statistics")
+
+
+# ---------------------------------------------------------------------------
+# Kernels: backward reductions
+# ---------------------------------------------------------------------------
+
+cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
+                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
+    # Blocks as in _moments_rows; partial sums merged in row-block order.
+    cdef Py_ssize_t K = C * S
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, COL_TILE)
+    cdef Py_ssize_t b, br, kt
+    cdef double* part = <double*> malloc(2 * n_rb * K * sizeof(double))
+    cdef double* cols = NULL
+    cdef const double* ccenter = center
+    cdef double* col_sdy = sdy_out
+    cdef double* col_sdyx = sdyx_out
+    if part == NULL:
+        return -1
+    if S > 1:
+        cols = <double*> malloc(3 * K * sizeof(double))
+        if cols == NULL:
+            free(part)
+            return -1
+        col_sdy = cols
+        col_sdyx = cols + K
+        _expand(center, C, S, cols + 2 * K)
+        ccenter = cols + 2 * K
+    for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        br = b // n_kt
+        kt = b % n_kt
+        _block_col_grad_sums(dy, x, ccenter, K, br * ROW_BLOCK,
+                             _imin(N, (br + 1) * ROW_BLOCK), kt * COL_TILE,
+                             _imin(K, (kt + 1) * COL_TILE),
+                             part + br * K, part + (n_rb + br) * K)
+    for kt in prange(n_kt, schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        _merge_sums(part, n_rb, K, kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE), col_sdy)
+        _merge_sums(part + n_rb * K, n_rb, K, kt * COL_TILE,
+                    _imin(K, (kt + 1) * COL_TILE), col_sdyx)
+    if S > 1:
+        _merge_group_sums(col_sdy, C, S, sdy_out)
+        _merge_group_sums(col_sdyx, C, S, sdyx_out)
+        free(cols)
+    free(part)
+    return 0
+
+
+cdef int _grad_sums_planes(const floating* dy, const floating* x, const double* center,
+                           Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                           double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
+    # Blocks as in _moments_planes; partial sums merged in (n, g) order.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg
+    cdef Py_ssize_t b, g, nc, s0, j, kt
+    cdef double* part = <double*> malloc(2 * J * C * sizeof(double))
+    if part == NULL:
+        return -1
+    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        g = b % nseg
+        nc = b // nseg
+        s0 = g * SEG
+        j = (nc // C) * nseg + g
+        # two sweeps of the segment (in L1): each vectorises like _run_sum
+        part[j * C + nc % C] = _run_sum(dy + nc * S + s0, _imin(SEG, S - s0))
+        part[(J + j) * C + nc % C] = _run_centered_dot(dy + nc * S + s0, x + nc * S + s0,
+                                                       _imin(SEG, S - s0), center[nc % C])
+    for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        _merge_sums(part, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE), sdy_out)
+        _merge_sums(part + J * C, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
+                    sdyx_out)
+    free(part)
+    return 0
+
+
+def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
+              const floating[:, :, ::1] x,   # IN (N, C, S)
+              const double[::1] center,      # IN (C,) the saved batch mean
+              double[::1] sdy_out,           # OUT (C,) sum of dy
+              double[::1] sdyx_out,          # OUT (C,) sum of dy * (x - center)
+              int n_threads):
+    """Per-channel sums of dy and dy * (x - center) over axes 0 and 2."""
+    cdef int rc
+    with nogil:
+        if x.shape[2] < ROWS_MAX_RUN:
+            rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
+                                 x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
+                                 n_threads)
+        else:
+            rc = _grad_sums_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
+                                   x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
+                                   n_threads)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the partial sums")
+
+
+# ---------------------------------------------------------------------------
+# Kernels: elementwise passes
+# ---------------------------------------------------------------------------
+
+cdef int _affine_rows(const floating* x, const double* center, const double* scale,
+                      const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                      floating* y_out, int n_threads) noexcept nogil:
+    # Row blocks in parallel, rows in order, whole rows with columns innermost
+    # (tiling the columns broke the read/write streams and was slower).
+    # y may be x (same index only).
+    cdef Py_ssize_t K = C * S
+    cdef Py_ssize_t br, r, k
+    cdef double* cols = NULL
+    cdef const double* ce = center
+    cdef const double* sc = scale
+    cdef const double* sh = shift
+    cdef const floating* xr
+    cdef floating* yr
+    if S > 1:
+        cols = <double*> malloc(3 * K * sizeof(double))
+        if cols == NULL:
+            return -1
+        _expand(center, C, S, cols)
+        _expand(scale, C, S, cols + K)
+        _expand(shift, C, S, cols + 2 * K)
+        ce = cols
+        sc = cols + K
+        sh = cols + 2 * K
+    for br in prange(_cdiv(N, ROW_BLOCK), schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+            xr = x + r * K
+            yr = y_out + r * K
+            for k in range(K):
+                yr[k] = <floating> ((xr[k] - ce[k]) * sc[k] + sh[k])
+    free(cols)
+    return 0
+
+
+cdef int _affine_planes(const floating* x, const double* center, const double* scale,
+                        const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                        floating* y_out, int n_threads) noexcept nogil:
+    # Segments of runs in parallel, in memory order. y may be x (same index only).
+    cdef Py_ssize_t nseg = _cdiv(S, SEG)
+    cdef Py_ssize_t b, c, i, off, L
+    cdef double ce, sc, sh
+    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
+                    use_threads_if=n_threads > 1):
+        c = (b // nseg) % C
+        off = (b // nseg) * S + (b % nseg) * SEG
+        L = _imin(SEG, S - (b % nseg) * SEG)
+        ce = center[c]
+        sc = scale[c]
+        sh = shift[c]
+        for i in range(off, off + L):
+            y_out[i] = <floating> ((x[i] - ce) * sc + sh)
+    return 0
+
+
+def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
+           const double[::1] center,      # IN (C,)
+           const double[::1] scale,       # IN (C,)
+           const double[::1] shift,       # IN (C,)
+           floating[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
+           int n_threads):
+    """y = (x - center) * scale + shift per channel, in float64, rounded once."""
+    cdef int rc
+    with nogil:
+        if x.shape[2] < ROWS_MAX_RUN:
+            rc = _affine_rows(&x[0, 0, 0], &center[0], &scale[0], &shift[0], x.shape[0],
+                              x.shape[1], x.shape[2], &y_out[0, 0, 0], n_threads)
+        else:
+            rc = _affine_planes(&x[0, 0, 0], &center[0], &scale[0], &shift[0],
+                                x.shape[0], x.shape[1], x.shape[2], &y_out[0, 0, 0],
+                                n_threads)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the per-column coefficients")
+
+
+cdef int _grad_input_rows(const floating* dy, const floating* x, const double* center,
+                          const double* a, const double* b, const double* k0,
+                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          floating* dx_out, int n_threads) noexcept nogil:
+    # Row blocks in parallel, rows in order, whole rows with columns innermost.
+    # dx may be dy or x (same index only).
+    cdef Py_ssize_t K = C * S
+    cdef Py_ssize_t br, r, k
+    cdef double* cols = NULL
+    cdef const double* ce = center
+    cdef const double* ca = a
+    cdef const double* cb = b
+    cdef const double* ck = k0
+    cdef const floating* dr
+    cdef const floating* xr
+    cdef floating* outr
+    if S > 1:
+        cols = <double*> malloc(4 * K * sizeof(double))
+        if cols == NULL:
+            return -1
+        _expand(center, C, S, cols)
+        _expand(a, C, S, cols + K)
+        _expand(b, C, S, cols + 2 * K)
+        _expand(k0, C, S, cols + 3 * K)
+        ce = cols
+        ca = cols + K
+        cb = cols + 2 * K
+        ck = cols + 3 * K
+    for br in prange(_cdiv(N, ROW_BLOCK), schedule='static', num_threads=n_threads,
+                     use_threads_if=n_threads > 1):
+        for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+            dr = dy + r * K
+            xr = x + r * K
+            outr = dx_out + r * K
+            for k in range(K):
+                outr[k] = <floating> (dr[k] * ca[k] + (xr[k] - ce[k]) * cb[k] + ck[k])
+    free(cols)
+    return 0
+
+
+cdef int _grad_input_planes(const floating* dy, const floating* x, const double* center,
+                            const double* a, const double* b, const double* k0,
+                            Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                            floating* dx_out, int n_threads) noexcept nogil:
+    # Segments of runs in parallel, in memory order. dx may be dy or x.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG)
+    cdef Py_ssize_t blk, c, i, off, L
+    cdef double ce, ca, cb, ck
+    for blk in prange(N * C * nseg, schedule='static', num_threads=n_threads,
+                      use_threads_if=n_threads > 1):
+        c = (blk // nseg) % C
+        off = (blk // nseg) * S + (blk % nseg) * SEG
+        L = _imin(SEG, S - (blk % nseg) * SEG)
+        ce = center[c]
+        ca = a[c]
+        cb = b[c]
+        ck = k0[c]
+        for i in range(off, off + L):
+            dx_out[i] = <floating> (dy[i] * ca + (x[i] - ce) * cb + ck)
+    return 0
+
+
+def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
+               const floating[:, :, ::1] x,   # IN (N, C, S)
+               const double[::1] center,      # IN (C,) the saved batch mean
+               const double[::1] a,           # IN (C,) coefficient of dy
+               const double[::1] b,           # IN (C,) coefficient of (x - center)
+               const double[::1] k0,          # IN (C,) constant term
+               floating[:, :, ::1] dx_out,    # OUT (N, C, S), may be dy or x
+               int n_threads):
+    """dx = a * dy + b * (x - center) + k0 per channel, in float64, rounded once."""
+    cdef int rc
+    with nogil:
+        if x.shape[2] < ROWS_MAX_RUN:
+            rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &a[0], &b[0],
+                                  &k0[0], x.shape[0], x.shape[1], x.shape[2],
+                                  &dx_out[0, 0, 0], n_threads)
+        else:
+            rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &a[0], &b[0],
+                                    &k0[0], x.shape[0], x.shape[1], x.shape[2],
+                                    &dx_out[0, 0, 0], n_threads)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the per-column coefficients")
+
+
+# ---------------------------------------------------------------------------
+# Per-channel coefficients (C values: serial, no blocking needed)
+# ---------------------------------------------------------------------------
+
+def train_coefficients(const double[::1] m2,     # IN (C,) sum of squared deviations
+                       double count,             # IN values per channel
+                       double eps,
+                       const double[::1] gamma,  # IN (C,) or None (ones)
+                       double[::1] var_out,      # OUT (C,) biased batch variance
+                       double[::1] invstd_out,   # OUT (C,) 1 / sqrt(var + eps)
+                       double[::1] scale_out):   # OUT (C,) gamma * invstd
+    """Variance, inverse standard deviation and the scale of the normalising pass."""
+    cdef Py_ssize_t c, C = m2.shape[0]
+    cdef bint has_gamma = gamma is not None
+    with nogil:
+        for c in range(C):
+            var_out[c] = m2[c] / count
+            invstd_out[c] = 1.0 / sqrt(var_out[c] + eps)
+            scale_out[c] = invstd_out[c] * gamma[c] if has_gamma else invstd_out[c]
+
+
+def inference_coefficients(const double[::1] running_var,  # IN (C,)
+                           double eps,
+                           const double[::1] gamma,        # IN (C,) or None (ones)
+                           double[::1] scale_out):         # OUT (C,) gamma / sqrt(var + eps)
+    """Scale of the inference pass."""
+    cdef Py_ssize_t c, C = running_var.shape[0]
+    cdef bint has_gamma = gamma is not None
+    with nogil:
+        for c in range(C):
+            scale_out[c] = 1.0 / sqrt(running_var[c] + eps)
+            if has_gamma:
+                scale_out[c] = scale_out[c] * gamma[c]
+
+
+def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
+                          const double[::1] sdyx,    # IN (C,) sum of dy * (x - mean)
+                          const double[::1] invstd,  # IN (C,)
+                          const double[::1] gamma,   # IN (C,) or None (ones)
+                          double count,              # IN values per channel
+                          double[::1] a_out,         # OUT (C,) coefficient of dy
+                          double[::1] b_out,         # OUT (C,) coefficient of (x - mean)
+                          double[::1] k_out,         # OUT (C,) constant term
+                          double[::1] dgamma_out):   # OUT (C,) sum of dy * x-hat
+    """Coefficients of dx = a*dy + b*(x - mean) + k (the closed form, see docs)."""
+    cdef Py_ssize_t c, C = sdy.shape[0]
+    cdef bint has_gamma = gamma is not None
+    cdef double s, g
+    with nogil:
+        for c in range(C):
+            g = gamma[c] if has_gamma else 1.0
+            s = invstd[c]
+            dgamma_out[c] = sdyx[c] * s
+            a_out[c] = g * s
+            b_out[c] = -(g * s) * (s * s) * (sdyx[c] / count)
+            k_out[c] = -(g * s) * (sdy[c] / count)
+
+
+# ---------------------------------------------------------------------------
+# Memory-bandwidth probes for bncy.bench (same compiler, flags and threads)
+# ---------------------------------------------------------------------------
+
+def stream_read(const floating[::1] x, int n_threads):
+    """Sum of x in SEG-sized chunks (a read-only sweep); returns the sum."""
+    cdef Py_ssize_t n = x.shape[0], nb = _cdiv(n, SEG), b
+    cdef double total = 0.0
+    with nogil:
+        for b in prange(nb, schedule='static', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            total += _run_sum(&x[b * SEG], _imin(SEG, n - b * SEG))
+    return total
+
+
+def stream_scale(const floating[::1] x, floating[::1] y_out, int n_threads):
+    """y = 2 * x (one read and one write sweep)."""
+    cdef Py_ssize_t n = x.shape[0], i
+    with nogil:
+        for i in prange(n, schedule='static', num_threads=n_threads,
+                        use_threads_if=n_threads > 1):
+            y_out[i] = x[i] * 2
+
+
+ctypedef fused stat_t:
+    float
+    double
+
+
+def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any stride
+               const double[::1] v,      # IN (C,) this batch's value (before factor)
+               double momentum, double factor):
+    """r = (1 - momentum) * r + momentum * (factor * v), in float64."""
+    cdef Py_ssize_t c
+    with nogil:
+        for c in range(r.shape[0]):
+            r[c] = <stat_t> ((1.0 - momentum) * r[c] + momentum * (factor * v[c]))
