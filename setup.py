@@ -81,7 +81,7 @@ class BuildExt(build_ext):
         if cc.compiler_type == "msvc":
             opt = ["/Od", "/Zi"] if DEBUG else ["/O2", "/fp:precise"]
         else:
-            opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
+            opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3", "-DNDEBUG"]
             opt += ["-ffp-contract=off", "-Wno-unreachable-code"]
         for ext in self.extensions:
             isa = []

@@ -214,6 +214,32 @@ def _alloc_like(t: np.ndarray, out, perm) -> np.ndarray:
     return np.empty_like(t) if out is None else _in_order(out, perm)
 
 
+def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps):
+    """Recompute, scaled by the channel's largest magnitude, the statistics of the
+    channels whose float64 squares over- or underflowed (|x - mean| beyond about
+    1e154, or below about 1e-154 with eps == 0). Channels holding NaN or inf, and
+    constant channels, are left as they are (NaN/inf propagate; see the README)."""
+    with np.errstate(all="ignore"):
+        for c in range(x3.shape[1]):
+            if np.isfinite(mean[c]) and np.isfinite(m2[c]) and not (eps == 0 and m2[c] == 0):
+                continue
+            v = x3[:, c, :].astype(np.float64)
+            if not np.isfinite(v).all():
+                continue
+            top = np.abs(v).max()
+            mu = top * np.mean(v / top) if top > 0 else 0.0
+            d = v - mu
+            s = np.abs(d).max()
+            if s == 0:
+                continue                       # constant: 0 with eps > 0, NaN with eps == 0
+            q = np.mean((d / s) ** 2)          # in [1/count, 1]
+            mean[c] = mu
+            var[c] = s * s * q                 # may be inf: the float64 truth
+            m2[c] = var[c] * count
+            invstd[c] = (1.0 / s) / np.sqrt(q + (eps / s) / s)
+            scale[c] = invstd[c] * (1.0 if gamma is None else gamma[c])
+
+
 # ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
@@ -305,7 +331,9 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     var = np.empty(C)
     invstd = np.empty(C)
     scale = np.empty(C)
-    _kernels.train_coefficients(m2, float(count), e, _as_f64(gamma), var, invstd, scale)
+    g64 = _as_f64(gamma)
+    if _kernels.train_coefficients(mean, m2, float(count), e, g64, var, invstd, scale):
+        _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, g64, count, e)
     shift = np.zeros(C) if beta is None else _as_f64(beta)
     _kernels.affine(x3, mean, scale, shift, y3, nt)
 
@@ -448,16 +476,17 @@ def _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, *, batch_stats: 
     x3, dy3, dx3 = _ncs(xt, axt), _ncs(dyt, axt), _ncs(dxt, axt)
 
     mean64 = _as_f64(mean)
+    invstd64 = _as_f64(invstd)
     sdy = np.empty(C)
     sdyx = np.empty(C)
     _kernels.grad_sums(dy3, x3, mean64, sdy, sdyx, nt)
     a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
-    _kernels.backward_coefficients(sdy, sdyx, _as_f64(invstd), _as_f64(gamma),
+    _kernels.backward_coefficients(sdy, sdyx, invstd64, _as_f64(gamma),
                                    float(x.size // C), a, b, k, dgamma)
     if not batch_stats:  # statistics independent of x: no terms through mean and var
         b[:] = 0.0
         k[:] = 0.0
-    _kernels.grad_input(dy3, x3, mean64, a, b, k, dx3, nt)
+    _kernels.grad_input(dy3, x3, mean64, invstd64, a, b, k, dx3, nt)
 
     dx = out if out is not None else _result(dxt, perm)
     return dx, dgamma.astype(x.dtype, copy=False), sdy.astype(x.dtype, copy=False)

@@ -104,6 +104,15 @@ def max_threads():
     return omp_get_max_threads()
 
 
+cdef extern from *:
+    """
+    #include <assert.h>
+    /* live only in the debug build (BNCY_DEBUG=1 compiles with -UNDEBUG) */
+    #define bncy_assert(cond) assert(cond)
+    """
+    void bncy_assert(bint cond) noexcept nogil
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -137,6 +146,8 @@ cdef inline void _block_col_moments(
     cdef const floating* c
     cdef const floating* e
     cdef double d0, d1, d2, d3, t1, t2, m2, n = <double> (r1 - r0)
+    bncy_assert(0 <= r0 and r0 < r1 and r1 - r0 <= ROW_BLOCK)
+    bncy_assert(0 <= k0 and k0 < k1 and k1 <= K and w <= COL_TILE)
     a = x + r0 * K + k0
     for k in range(w):
         p[k] = a[k]
@@ -195,6 +206,8 @@ cdef inline void _block_col_grad_sums(
     cdef const floating* xb
     cdef const double* ce = center + k0
     cdef double g0, g1, t1, t2
+    bncy_assert(0 <= r0 and r0 < r1 and r1 - r0 <= ROW_BLOCK)
+    bncy_assert(0 <= k0 and k0 < k1 and k1 <= K and w <= COL_TILE)
     for k in range(w):
         s1[k] = 0.0
         s2[k] = 0.0
@@ -227,6 +240,7 @@ cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
     # the tail to accumulators 0, 1, ...; then a fixed pairwise combination.
     cdef double acc[NACC]
     cdef Py_ssize_t i, j, Lv = L - L % NACC
+    bncy_assert(L >= 1)
     for j in range(NACC):
         acc[j] = 0.0
     for i in range(0, Lv // NACC):
@@ -289,6 +303,7 @@ cdef inline void _merge_moments(
     cdef double na, nb, n, wb, wab, delta
     cdef const double* rm
     cdef const double* rq
+    bncy_assert(J >= 1 and 0 <= k0 and k0 < k1 and k1 <= W)
     for k in range(k0, k1):
         mean_out[k] = pmean[k]
         m2_out[k] = pm2[k]
@@ -427,6 +442,7 @@ cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
         s0 = g * SEG
         L = _imin(SEG, S - s0)
         j = (nc // C) * nseg + g
+        bncy_assert(nc < N * C and s0 + L <= S and j < J)
         mean = _run_sum(x + nc * S + s0, L) / L
         pmean[j * C + nc % C] = mean
         pm2[j * C + nc % C] = _run_sqdev(x + nc * S + s0, L, mean)
@@ -518,6 +534,7 @@ cdef int _grad_sums_planes(const floating* dy, const floating* x, const double* 
         nc = b // nseg
         s0 = g * SEG
         j = (nc // C) * nseg + g
+        bncy_assert(nc < N * C and s0 < S and j < J)
         # two sweeps of the segment (in L1): each vectorises like _run_sum
         part[j * C + nc % C] = _run_sum(dy + nc * S + s0, _imin(SEG, S - s0))
         part[(J + j) * C + nc % C] = _run_centered_dot(dy + nc * S + s0, x + nc * S + s0,
@@ -603,6 +620,7 @@ cdef int _affine_planes(const floating* x, const double* center, const double* s
         c = (b // nseg) % C
         off = (b // nseg) * S + (b % nseg) * SEG
         L = _imin(SEG, S - (b % nseg) * SEG)
+        bncy_assert(off + L <= N * C * S and c < C)
         ce = center[c]
         sc = scale[c]
         sh = shift[c]
@@ -632,8 +650,8 @@ def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
 
 
 cdef int _grad_input_rows(const floating* dy, const floating* x, const double* center,
-                          const double* a, const double* b, const double* k0,
-                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          const double* invstd, const double* a, const double* b,
+                          const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                           floating* dx_out, int n_threads) noexcept nogil:
     # Row blocks in parallel, rows in order, whole rows with columns innermost.
     # dx may be dy or x (same index only).
@@ -641,6 +659,7 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
     cdef Py_ssize_t br, r, k
     cdef double* cols = NULL
     cdef const double* ce = center
+    cdef const double* cs = invstd
     cdef const double* ca = a
     cdef const double* cb = b
     cdef const double* ck = k0
@@ -648,17 +667,19 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
     cdef const floating* xr
     cdef floating* outr
     if S > 1:
-        cols = <double*> malloc(4 * K * sizeof(double))
+        cols = <double*> malloc(5 * K * sizeof(double))
         if cols == NULL:
             return -1
         _expand(center, C, S, cols)
-        _expand(a, C, S, cols + K)
-        _expand(b, C, S, cols + 2 * K)
-        _expand(k0, C, S, cols + 3 * K)
+        _expand(invstd, C, S, cols + K)
+        _expand(a, C, S, cols + 2 * K)
+        _expand(b, C, S, cols + 3 * K)
+        _expand(k0, C, S, cols + 4 * K)
         ce = cols
-        ca = cols + K
-        cb = cols + 2 * K
-        ck = cols + 3 * K
+        cs = cols + K
+        ca = cols + 2 * K
+        cb = cols + 3 * K
+        ck = cols + 4 * K
     for br in prange(_cdiv(N, ROW_BLOCK), schedule='static', num_threads=n_threads,
                      use_threads_if=n_threads > 1):
         for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
@@ -666,52 +687,57 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
             xr = x + r * K
             outr = dx_out + r * K
             for k in range(K):
-                outr[k] = <floating> (dr[k] * ca[k] + (xr[k] - ce[k]) * cb[k] + ck[k])
+                outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k]
+                                      + ck[k])
     free(cols)
     return 0
 
 
 cdef int _grad_input_planes(const floating* dy, const floating* x, const double* center,
-                            const double* a, const double* b, const double* k0,
-                            Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                            const double* invstd, const double* a, const double* b,
+                            const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                             floating* dx_out, int n_threads) noexcept nogil:
     # Segments of runs in parallel, in memory order. dx may be dy or x.
     cdef Py_ssize_t nseg = _cdiv(S, SEG)
     cdef Py_ssize_t blk, c, i, off, L
-    cdef double ce, ca, cb, ck
+    cdef double ce, cs, ca, cb, ck
     for blk in prange(N * C * nseg, schedule='static', num_threads=n_threads,
                       use_threads_if=n_threads > 1):
         c = (blk // nseg) % C
         off = (blk // nseg) * S + (blk % nseg) * SEG
         L = _imin(SEG, S - (blk % nseg) * SEG)
+        bncy_assert(off + L <= N * C * S and c < C)
         ce = center[c]
+        cs = invstd[c]
         ca = a[c]
         cb = b[c]
         ck = k0[c]
         for i in range(off, off + L):
-            dx_out[i] = <floating> (dy[i] * ca + (x[i] - ce) * cb + ck)
+            dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
     return 0
 
 
 def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
                const floating[:, :, ::1] x,   # IN (N, C, S)
                const double[::1] center,      # IN (C,) the saved batch mean
+               const double[::1] invstd,      # IN (C,) the saved invstd
                const double[::1] a,           # IN (C,) coefficient of dy
-               const double[::1] b,           # IN (C,) coefficient of (x - center)
+               const double[::1] b,           # IN (C,) coefficient of xhat
                const double[::1] k0,          # IN (C,) constant term
                floating[:, :, ::1] dx_out,    # OUT (N, C, S), may be dy or x
                int n_threads):
-    """dx = a * dy + b * (x - center) + k0 per channel, in float64, rounded once."""
+    """dx = a * dy + b * xhat + k0 per channel with xhat = (x - center) * invstd,
+    in float64, rounded once. Every term is O(1)-scaled whatever x's magnitude."""
     cdef int rc
     with nogil:
         if x.shape[2] < ROWS_MAX_RUN:
-            rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &a[0], &b[0],
-                                  &k0[0], x.shape[0], x.shape[1], x.shape[2],
+            rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &invstd[0], &a[0],
+                                  &b[0], &k0[0], x.shape[0], x.shape[1], x.shape[2],
                                   &dx_out[0, 0, 0], n_threads)
         else:
-            rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &a[0], &b[0],
-                                    &k0[0], x.shape[0], x.shape[1], x.shape[2],
-                                    &dx_out[0, 0, 0], n_threads)
+            rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &invstd[0],
+                                    &a[0], &b[0], &k0[0], x.shape[0], x.shape[1],
+                                    x.shape[2], &dx_out[0, 0, 0], n_threads)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
@@ -720,21 +746,32 @@ def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
 # Per-channel coefficients (C values: serial, no blocking needed)
 # ---------------------------------------------------------------------------
 
-def train_coefficients(const double[::1] m2,     # IN (C,) sum of squared deviations
+def train_coefficients(const double[::1] mean,   # IN (C,) batch mean
+                       const double[::1] m2,     # IN (C,) sum of squared deviations
                        double count,             # IN values per channel
                        double eps,
                        const double[::1] gamma,  # IN (C,) or None (ones)
                        double[::1] var_out,      # OUT (C,) biased batch variance
                        double[::1] invstd_out,   # OUT (C,) 1 / sqrt(var + eps)
                        double[::1] scale_out):   # OUT (C,) gamma * invstd
-    """Variance, inverse standard deviation and the scale of the normalising pass."""
+    """Variance, inverse standard deviation and the scale of the normalising pass.
+
+    Returns how many channels need bncy._api's scaled recomputation: a non-finite
+    mean or M2 (float64 data whose squares overflow, or NaN/inf in the channel), or
+    M2 == 0 with eps == 0 (a constant channel, or squares that underflowed).
+    """
     cdef Py_ssize_t c, C = m2.shape[0]
     cdef bint has_gamma = gamma is not None
+    cdef int suspicious = 0
     with nogil:
         for c in range(C):
             var_out[c] = m2[c] / count
             invstd_out[c] = 1.0 / sqrt(var_out[c] + eps)
             scale_out[c] = invstd_out[c] * gamma[c] if has_gamma else invstd_out[c]
+            if (not (m2[c] - m2[c] == 0.0) or not (mean[c] - mean[c] == 0.0)
+                    or (eps == 0.0 and m2[c] == 0.0)):
+                suspicious += 1
+    return suspicious
 
 
 def inference_coefficients(const double[::1] running_var,  # IN (C,)
@@ -757,10 +794,12 @@ def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
                           const double[::1] gamma,   # IN (C,) or None (ones)
                           double count,              # IN values per channel
                           double[::1] a_out,         # OUT (C,) coefficient of dy
-                          double[::1] b_out,         # OUT (C,) coefficient of (x - mean)
+                          double[::1] b_out,         # OUT (C,) coefficient of xhat
                           double[::1] k_out,         # OUT (C,) constant term
                           double[::1] dgamma_out):   # OUT (C,) sum of dy * x-hat
-    """Coefficients of dx = a*dy + b*(x - mean) + k (the closed form, see docs)."""
+    """Coefficients of dx = a*dy + b*xhat + k, xhat = (x - mean)*invstd (the closed
+    form, see docs/derivation.md), grouped so that no product under- or overflows
+    before the result would: every factor is O(1) or O(dy)."""
     cdef Py_ssize_t c, C = sdy.shape[0]
     cdef bint has_gamma = gamma is not None
     cdef double s, g
@@ -770,7 +809,7 @@ def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
             s = invstd[c]
             dgamma_out[c] = sdyx[c] * s
             a_out[c] = g * s
-            b_out[c] = -(g * s) * (s * s) * (sdyx[c] / count)
+            b_out[c] = -(g * s) * ((s * sdyx[c]) / count)
             k_out[c] = -(g * s) * (sdy[c] / count)
 
 
