@@ -12,7 +12,8 @@ On x86-64 the same kernels are compiled a second time with ``-mavx2``
 perform the same IEEE operations in the same order, so results are identical.
 
 ``BNCY_DEBUG=1`` builds with bounds checks, wraparound, initialisation checks,
-C assertions and ``-O0 -g``.
+C assertions on every block's bounds (``bncy_assert`` in the kernels) and
+``-O0 -g``.
 """
 
 import os
@@ -32,7 +33,9 @@ DIRECTIVES = {
     "boundscheck": DEBUG,
     "wraparound": DEBUG,
     "initializedcheck": DEBUG,
-    "cdivision": not DEBUG,
+    # C division semantics in both builds: IEEE inf/NaN for x/0.0 (eps = 0 on a
+    # constant channel), not Python's ZeroDivisionError; integer divisors are > 0.
+    "cdivision": True,
     "embedsignature": True,
 }
 
