@@ -6,11 +6,26 @@ with OpenMP, statistics in float64, results identical for every thread count.
 """
 
 from bncy import reference
-from bncy._api import backward, forward, inference, isa, openmp_enabled
+from bncy._api import (
+    BatchStats,
+    GradStats,
+    apply_grad,
+    apply_stats,
+    backward,
+    batch_stats,
+    forward,
+    grad_stats,
+    inference,
+    isa,
+    merge_grad_stats,
+    merge_stats,
+    openmp_enabled,
+)
 from bncy._layer import BatchNorm
 from bncy._version import __version__
 
 __all__ = [
     "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "isa", "reference",
-    "__version__",
+    "batch_stats", "merge_stats", "apply_stats", "grad_stats", "merge_grad_stats",
+    "apply_grad", "BatchStats", "GradStats", "__version__",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numbers
 import operator
 import os
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -33,7 +35,11 @@ _kernels = _select_kernels()
 
 _Floats = NDArray[np.floating]
 
-__all__ = ["forward", "backward", "inference", "openmp_enabled", "isa"]
+__all__ = [
+    "forward", "backward", "inference", "openmp_enabled", "isa",
+    "BatchStats", "GradStats", "batch_stats", "merge_stats", "apply_stats",
+    "grad_stats", "merge_grad_stats", "apply_grad",
+]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -65,14 +71,14 @@ def _as_float_array(a, name: str) -> np.ndarray:
     return arr
 
 
-def _check_x(x, name: str = "x") -> np.ndarray:
+def _check_x(x, name: str = "x", *, allow_empty: bool = False) -> np.ndarray:
     x = _as_float_array(x, name)
     if x.ndim < 2:
         raise ValueError(
             f"bncy: {name} must have at least 2 dimensions (batch and channel); "
             f"got shape {x.shape}"
         )
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError(f"bncy: {name} is empty (shape {x.shape})")
     return x
 
@@ -241,6 +247,142 @@ def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps
 
 
 # ---------------------------------------------------------------------------
+# The phases every public function is made of: plan (all validation, nothing
+# written), local reduction (one kernel), apply (coefficients, one elementwise
+# kernel, running statistics). bncy.forward/backward run them back to back; the
+# split-phase functions below expose them so that any all-reduce can sit between.
+# ---------------------------------------------------------------------------
+
+class _Plan:
+    """Validated, layout-normalised arguments of one call."""
+
+    __slots__ = ("x3", "dy3", "y3", "result", "C", "count", "gamma", "beta", "eps",
+                 "momentum", "running_mean", "running_var", "mean", "invstd", "nt", "dtype")
+
+
+def _layout(plan: _Plan, x: np.ndarray, ax: int, out, dy=None) -> None:
+    """Choose one axis order for x (dy) and the output; set the (N, C, S) views."""
+    if out is not None:
+        _check_out(out, x)
+        x = _unaliased(x, out)
+        if dy is not None:
+            dy = _unaliased(dy, out)
+    perm = _choose_layout(x, out)
+    xt = _in_order(x, perm)
+    yt = _alloc_like(xt, out, perm)
+    axt = ax if perm is None else perm.index(ax)
+    plan.x3, plan.y3 = _ncs(xt, axt), _ncs(yt, axt)
+    plan.dy3 = None if dy is None else _ncs(_in_order(dy, perm), axt)
+    plan.result = out if out is not None else _result(yt, perm)
+
+
+def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
+                n_threads, *, local: bool = True) -> _Plan:
+    """Validate a training forward. local=False: x is one part of a larger batch (it
+    may be empty, and the count check waits for the merged statistics)."""
+    x = _check_x(x, allow_empty=not local)
+    ax = _check_axis(axis, x.ndim)
+    p = _Plan()
+    p.C = C = x.shape[ax]
+    if C == 0:
+        raise ValueError(f"bncy: x has no channels (shape {x.shape}, axis={axis})")
+    p.count = x.size // C
+    if local and p.count < 2:
+        raise ValueError(
+            f"bncy: expected more than 1 value per channel when training, "
+            f"got input of shape {x.shape} (axis={axis})"
+        )
+    p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
+    p.beta = None if beta is None else _as_f64(_check_vector(beta, "beta", C))
+    p.eps = _check_eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bncy: give both running_mean and running_var, or neither")
+    p.running_mean, p.running_var, p.momentum = running_mean, running_var, 0.0
+    if running_mean is not None:
+        _check_vector(running_mean, "running_mean", C, writeable=True)
+        _check_vector(running_var, "running_var", C, writeable=True)
+        p.momentum = _check_real(momentum, "momentum")
+        if not 0.0 <= p.momentum <= 1.0:
+            raise ValueError(f"bncy: momentum must be in [0, 1], got {momentum!r}")
+    p.nt = _resolve_threads(n_threads, x.size)
+    _layout(p, x, ax, out)
+    return p
+
+
+def _local_moments(p: _Plan):
+    """(count, mean, m2) of the plan's x: the moments kernel."""
+    mean, m2 = np.zeros(p.C), np.zeros(p.C)
+    if p.x3.size:
+        _kernels.moments(p.x3, mean, m2, p.nt)
+    return p.count, mean, m2
+
+
+def _apply_train(p: _Plan, count: int, mean, m2, *, rescue: bool):
+    """Normalise with (count, mean, m2) and update the running statistics."""
+    C = p.C
+    var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
+    if _kernels.train_coefficients(mean, m2, float(count), p.eps, p.gamma, var, invstd, scale):
+        if rescue:
+            _rescue_extreme_channels(p.x3, mean, m2, var, invstd, scale, p.gamma, count,
+                                     p.eps)
+    if p.x3.size:
+        shift = np.zeros(C) if p.beta is None else p.beta
+        _kernels.affine(p.x3, mean, scale, shift, p.y3, p.nt)
+    if p.running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
+        _kernels.ema_update(p.running_mean, mean, p.momentum, 1.0)
+        _kernels.ema_update(p.running_var, m2, p.momentum, 1.0 / (count - 1))
+    return p.result, mean, invstd
+
+
+def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
+               local: bool = True) -> _Plan:
+    """Validate a backward pass (local=False: x may be an empty part of a batch)."""
+    x = _check_x(x, allow_empty=not local)
+    dy = _check_x(dy, "dy", allow_empty=not local)
+    if dy.shape != x.shape:
+        raise ValueError(f"bncy: dy has shape {dy.shape}, expected x's shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"bncy: dy has dtype {dy.dtype}, expected x's dtype {x.dtype}")
+    ax = _check_axis(axis, x.ndim)
+    p = _Plan()
+    p.C = C = x.shape[ax]
+    if C == 0:
+        raise ValueError(f"bncy: x has no channels (shape {x.shape}, axis={axis})")
+    p.count = x.size // C
+    p.dtype = x.dtype
+    p.mean = _as_f64(_check_vector(mean, "mean", C))
+    p.invstd = _as_f64(_check_vector(invstd, "invstd", C))
+    p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
+    p.nt = _resolve_threads(n_threads, x.size)
+    _layout(p, x, ax, out, dy)
+    return p
+
+
+def _local_grad_sums(p: _Plan):
+    """(sum dy, sum dy * (x - mean)) of the plan's arrays: the gradient-sums kernel."""
+    sdy, sdyx = np.zeros(p.C), np.zeros(p.C)
+    if p.x3.size:
+        _kernels.grad_sums(p.dy3, p.x3, p.mean, sdy, sdyx, p.nt)
+    return sdy, sdyx
+
+
+def _apply_grad(p: _Plan, sdy, sdyx, count: int, *, batch_stats: bool = True):
+    """dx from the (merged) sums; dgamma, dbeta. batch_stats=False: mean and invstd
+    are constants (an eval-mode pass), so dx = gamma * invstd * dy."""
+    C = p.C
+    a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+    _kernels.backward_coefficients(sdy, sdyx, p.invstd, p.gamma, float(count), a, b, k,
+                                   dgamma)
+    if not batch_stats:
+        b[:] = 0.0
+        k[:] = 0.0
+    if p.x3.size:
+        _kernels.grad_input(p.dy3, p.x3, p.mean, p.invstd, a, b, k, p.y3, p.nt)
+    return (p.result, dgamma.astype(p.dtype, copy=False),
+            np.asarray(sdy).astype(p.dtype, copy=False))
+
+
+# ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
 
@@ -269,8 +411,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     momentum : float, default 0.1
         In [0, 1].
     out : ndarray, optional
-        Where to write y: x's shape and dtype, C-contiguous or laid out exactly
-        like x. May be x itself.
+        Where to write y: x's shape and dtype, writeable, contiguous in some axis
+        order (C order, or laid out like x). May be x itself.
     n_threads : int, optional
         OpenMP threads; None uses OpenMP's default (OMP_NUM_THREADS, threadpoolctl).
         Results are bitwise identical for every value.
@@ -292,56 +434,9 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
         A wrong shape, axis, size or parameter, fewer than 2 values per channel,
         or an unusable ``out``. Nothing is written when an exception is raised.
     """
-    x = _check_x(x)
-    ax = _check_axis(axis, x.ndim)
-    C = x.shape[ax]
-    count = x.size // C
-    if count < 2:
-        raise ValueError(
-            f"bncy: expected more than 1 value per channel when training, "
-            f"got input of shape {x.shape} (axis={axis})"
-        )
-    if gamma is not None:
-        gamma = _check_vector(gamma, "gamma", C)
-    if beta is not None:
-        beta = _check_vector(beta, "beta", C)
-    e = _check_eps(eps)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("bncy: give both running_mean and running_var, or neither")
-    if running_mean is not None:
-        _check_vector(running_mean, "running_mean", C, writeable=True)
-        _check_vector(running_var, "running_var", C, writeable=True)
-        m = _check_real(momentum, "momentum")
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"bncy: momentum must be in [0, 1], got {momentum!r}")
-    if out is not None:
-        _check_out(out, x)
-        x = _unaliased(x, out)
-    nt = _resolve_threads(n_threads, x.size)
-
-    perm = _choose_layout(x, out)
-    xt = _in_order(x, perm)
-    yt = _alloc_like(xt, out, perm)
-    axt = ax if perm is None else perm.index(ax)
-    x3, y3 = _ncs(xt, axt), _ncs(yt, axt)
-
-    mean = np.empty(C)
-    m2 = np.empty(C)
-    _kernels.moments(x3, mean, m2, nt)
-    var = np.empty(C)
-    invstd = np.empty(C)
-    scale = np.empty(C)
-    g64 = _as_f64(gamma)
-    if _kernels.train_coefficients(mean, m2, float(count), e, g64, var, invstd, scale):
-        _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, g64, count, e)
-    shift = np.zeros(C) if beta is None else _as_f64(beta)
-    _kernels.affine(x3, mean, scale, shift, y3, nt)
-
-    if running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
-        _kernels.ema_update(running_mean, mean, m, 1.0)
-        _kernels.ema_update(running_var, m2, m, 1.0 / (count - 1))
-    y = out if out is not None else _result(yt, perm)
-    return y, mean, invstd
+    p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
+                    n_threads)
+    return _apply_train(p, *_local_moments(p), rescue=True)
 
 
 def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
@@ -387,21 +482,14 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     if beta is not None:
         beta = _check_vector(beta, "beta", C)
     e = _check_eps(eps)
-    if out is not None:
-        _check_out(out, x)
-        x = _unaliased(x, out)
-    nt = _resolve_threads(n_threads, x.size)
-
-    perm = _choose_layout(x, out)
-    xt = _in_order(x, perm)
-    yt = _alloc_like(xt, out, perm)
-    axt = ax if perm is None else perm.index(ax)
-
+    p = _Plan()
+    p.nt = _resolve_threads(n_threads, x.size)
+    _layout(p, x, ax, out)
     scale = np.empty(C)
     _kernels.inference_coefficients(_as_f64(running_var), e, _as_f64(gamma), scale)
     shift = np.zeros(C) if beta is None else _as_f64(beta)
-    _kernels.affine(_ncs(xt, axt), _as_f64(running_mean), scale, shift, _ncs(yt, axt), nt)
-    return out if out is not None else _result(yt, perm)
+    _kernels.affine(p.x3, _as_f64(running_mean), scale, shift, p.y3, p.nt)
+    return p.result
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
@@ -429,8 +517,8 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     axis : int, default 1
         The channel axis.
     out : ndarray, optional
-        Where to write dx: x's shape and dtype, C-contiguous or laid out exactly
-        like x. May be dy (or x) itself.
+        Where to write dx: x's shape and dtype, as in :func:`forward`. May be dy
+        (or x) itself.
     n_threads : int, optional
         As in :func:`forward`; results are bitwise identical for every value.
 
@@ -444,49 +532,139 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
-    return _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, batch_stats=True)
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
+    return _apply_grad(p, *_local_grad_sums(p), p.count)
 
 
 def _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, *, batch_stats: bool):
-    """backward's body. With batch_stats=False, mean and invstd are constants (the
-    running statistics of an eval-mode pass), so dx = gamma * invstd * dy."""
-    x = _check_x(x)
-    dy = _check_x(dy, "dy")
-    if dy.shape != x.shape:
-        raise ValueError(f"bncy: dy has shape {dy.shape}, expected x's shape {x.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"bncy: dy has dtype {dy.dtype}, expected x's dtype {x.dtype}")
-    ax = _check_axis(axis, x.ndim)
-    C = x.shape[ax]
-    mean = _check_vector(mean, "mean", C)
-    invstd = _check_vector(invstd, "invstd", C)
-    if gamma is not None:
-        gamma = _check_vector(gamma, "gamma", C)
-    if out is not None:
-        _check_out(out, x)
-        x = _unaliased(x, out)
-        dy = _unaliased(dy, out)
-    nt = _resolve_threads(n_threads, x.size)
+    """backward, or (batch_stats=False) the gradient of an eval-mode pass."""
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
+    return _apply_grad(p, *_local_grad_sums(p), p.count, batch_stats=batch_stats)
 
-    perm = _choose_layout(x, out)
-    xt = _in_order(x, perm)
-    dyt = _in_order(dy, perm)
-    dxt = _alloc_like(xt, out, perm)
-    axt = ax if perm is None else perm.index(ax)
-    x3, dy3, dx3 = _ncs(xt, axt), _ncs(dyt, axt), _ncs(dxt, axt)
 
-    mean64 = _as_f64(mean)
-    invstd64 = _as_f64(invstd)
-    sdy = np.empty(C)
-    sdyx = np.empty(C)
-    _kernels.grad_sums(dy3, x3, mean64, sdy, sdyx, nt)
-    a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
-    _kernels.backward_coefficients(sdy, sdyx, invstd64, _as_f64(gamma),
-                                   float(x.size // C), a, b, k, dgamma)
-    if not batch_stats:  # statistics independent of x: no terms through mean and var
-        b[:] = 0.0
-        k[:] = 0.0
-    _kernels.grad_input(dy3, x3, mean64, invstd64, a, b, k, dx3, nt)
+# ---------------------------------------------------------------------------
+# Split-phase API: the same kernels, with a merge step in between
+# ---------------------------------------------------------------------------
 
-    dx = out if out is not None else _result(dxt, perm)
-    return dx, dgamma.astype(x.dtype, copy=False), sdy.astype(x.dtype, copy=False)
+class BatchStats(NamedTuple):
+    """Per-channel statistics of (part of) a batch: the count of values per channel,
+    their mean and their sum of squared deviations about it (M2), float64."""
+
+    count: int
+    mean: NDArray[np.float64]
+    m2: NDArray[np.float64]
+
+
+class GradStats(NamedTuple):
+    """Per-channel sums of (part of) a batch for the backward pass, float64:
+    ``sum(dy)`` and ``sum(dy * (x - mean))`` with the mean of the whole batch."""
+
+    sum_dy: NDArray[np.float64]
+    sum_dy_xc: NDArray[np.float64]
+
+
+def batch_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = None) -> BatchStats:
+    """Phase 1 of a split forward pass: the local statistics of x.
+
+    x may be empty along its batch axes (a worker with no rows): count 0.
+    Combine the parts with :func:`merge_stats`, normalise with :func:`apply_stats`.
+    ``bncy.forward(x)`` equals ``apply_stats(x, batch_stats(x))`` bit for bit.
+    """
+    p = _plan_train(x, None, None, 0.0, axis, None, None, 0.1, None, n_threads, local=False)
+    return BatchStats(*_local_moments(p))
+
+
+def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
+    """Phase 2: the statistics of the union of the parts (Chan et al.'s formula,
+    exact for unequal counts, float64), merged in the order given, so the result is
+    the same wherever the same sequence is merged. Parts with count 0 are skipped."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("bncy: merge_stats needs at least one part")
+    C = np.shape(parts[0].mean)[0]
+    n = 0
+    mean, m2 = np.zeros(C), np.zeros(C)
+    for part in parts:
+        nb = int(part.count)
+        if nb < 0 or np.shape(part.mean) != (C,) or np.shape(part.m2) != (C,):
+            raise ValueError("bncy: parts must share one channel count and have count >= 0")
+        if nb == 0:
+            continue
+        mb = np.asarray(part.mean, dtype=np.float64)
+        qb = np.asarray(part.m2, dtype=np.float64)
+        if n == 0:
+            mean, m2 = mb.copy(), qb.copy()
+        else:
+            tot = n + nb
+            delta = mb - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + qb + delta * delta * (n * (nb / tot))
+        n += nb
+    return BatchStats(n, mean, m2)
+
+
+def apply_stats(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
+                beta: ArrayLike | None = None, *, eps: float = 1e-5, axis: int = 1,
+                running_mean: _Floats | None = None, running_var: _Floats | None = None,
+                momentum: float = 0.1, out: _Floats | None = None,
+                n_threads: int | None = None,
+                ) -> tuple[_Floats, NDArray[np.float64], NDArray[np.float64]]:
+    """Phase 3 of a split forward pass: normalise x with (merged) statistics.
+
+    Arguments and results as in :func:`forward`, with ``stats`` from
+    :func:`merge_stats`; the running statistics are updated with them. x may be
+    empty. Raises ValueError when ``stats.count < 2``.
+    """
+    p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
+                    n_threads, local=False)
+    count = operator.index(stats.count)
+    mean = _as_f64(_check_vector(stats.mean, "stats.mean", p.C)).copy()
+    m2 = _as_f64(_check_vector(stats.m2, "stats.m2", p.C)).copy()
+    if count < 2:
+        raise ValueError(f"bncy: expected more than 1 value per channel when training, "
+                         f"got {count} in the merged statistics")
+    return _apply_train(p, count, mean, m2, rescue=False)
+
+
+def grad_stats(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,
+               n_threads: int | None = None) -> GradStats:
+    """Phase 1 of a split backward pass: the local sums, about the batch's mean.
+
+    Sum the parts with :func:`merge_grad_stats`; finish with :func:`apply_grad`.
+    """
+    C = _check_x(x, allow_empty=True).shape[_check_axis(axis, np.ndim(x))]
+    p = _plan_grad(dy, x, mean, np.ones(C), None, axis, None, n_threads, local=False)
+    return GradStats(*_local_grad_sums(p))
+
+
+def merge_grad_stats(parts: Sequence[GradStats]) -> GradStats:
+    """Phase 2: the sums of the parts, added in the order given."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("bncy: merge_grad_stats needs at least one part")
+    sdy = np.array(parts[0].sum_dy, dtype=np.float64)
+    sdyx = np.array(parts[0].sum_dy_xc, dtype=np.float64)
+    for part in parts[1:]:
+        if np.shape(part.sum_dy) != sdy.shape or np.shape(part.sum_dy_xc) != sdy.shape:
+            raise ValueError("bncy: parts must share one channel count")
+        sdy = sdy + part.sum_dy
+        sdyx = sdyx + part.sum_dy_xc
+    return GradStats(sdy, sdyx)
+
+
+def apply_grad(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+               stats: GradStats, count: int, gamma: ArrayLike | None = None, *,
+               axis: int = 1, out: _Floats | None = None, n_threads: int | None = None,
+               ) -> tuple[_Floats, _Floats, _Floats]:
+    """Phase 3 of a split backward pass: dx of this part, dgamma and dbeta of the
+    whole batch, from the merged sums and the batch's value count per channel.
+
+    Arguments and results as in :func:`backward`. x may be empty.
+    """
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, local=False)
+    sdy = _as_f64(_check_vector(stats.sum_dy, "stats.sum_dy", p.C))
+    sdyx = _as_f64(_check_vector(stats.sum_dy_xc, "stats.sum_dy_xc", p.C))
+    n = operator.index(count)
+    if n < 1:
+        raise ValueError(f"bncy: count must be >= 1, got {n}")
+    return _apply_grad(p, sdy, sdyx, n)

@@ -34,6 +34,10 @@ class BatchNorm:
         dtype of gamma, beta and the running statistics.
     n_threads : int, optional
         OpenMP threads for every call; None uses OpenMP's default.
+    comm : mpi4py communicator, optional
+        Synchronized batch norm: training statistics (and the gradient's sums) span
+        the batches of every rank of ``comm`` (see :mod:`bncy.distributed`); every
+        rank must call forward/backward together. Eval mode stays local.
 
     Attributes
     ----------
@@ -53,7 +57,7 @@ class BatchNorm:
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, axis: int = 1, dtype=np.float32,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, comm=None) -> None:
         try:
             C = operator.index(num_features)
         except TypeError:
@@ -71,6 +75,11 @@ class BatchNorm:
             raise TypeError("bncy: axis must be an integer")
         if n_threads is not None:
             _api._resolve_threads(n_threads, 0)
+        if comm is not None:
+            from bncy import distributed
+
+            comm = distributed._require_comm(comm)
+        self.comm = comm
         self.num_features = C
         self.momentum = m
         self.affine = bool(affine)
@@ -99,7 +108,7 @@ class BatchNorm:
 
     # -- passes --------------------------------------------------------------
     def _check_input(self, x) -> np.ndarray:
-        x = _api._check_x(x)
+        x = _api._check_x(x, allow_empty=self.comm is not None)
         ax = _api._check_axis(self.axis, x.ndim)
         if x.shape[ax] != self.num_features:
             raise ValueError(f"bncy: expected {self.num_features} channels on axis "
@@ -113,10 +122,16 @@ class BatchNorm:
         """
         x = self._check_input(x)
         if self.training:
-            y, mean, invstd = _api.forward(
+            if self.comm is None:
+                fwd, extra = _api.forward, {}
+            else:
+                from bncy import distributed
+
+                fwd, extra = distributed.forward, {"comm": self.comm}
+            y, mean, invstd = fwd(
                 x, self.gamma, self.beta, eps=self.eps, axis=self.axis,
                 running_mean=self.running_mean, running_var=self.running_var,
-                momentum=self.momentum, n_threads=self.n_threads)
+                momentum=self.momentum, n_threads=self.n_threads, **extra)
             self.num_batches_tracked += 1
             self._saved = (x, mean, invstd, True)
         else:
@@ -148,11 +163,18 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("bncy: backward() needs a forward() first")
         x, mean, invstd, batch_stats = self._saved
-        dy = _api._check_x(dy, "dy")
+        dy = _api._check_x(dy, "dy", allow_empty=self.comm is not None)
         if dy.shape != x.shape:
             raise ValueError(f"bncy: dy has shape {dy.shape}, expected {x.shape}")
-        dx, dgamma, dbeta = _api._backward(dy, x, mean, invstd, self.gamma, self.axis, None,
-                                           self.n_threads, batch_stats=batch_stats)
+        if batch_stats and self.comm is not None:
+            from bncy import distributed
+
+            dx, dgamma, dbeta = distributed.backward(dy, x, mean, invstd, self.gamma,
+                                                     comm=self.comm, axis=self.axis,
+                                                     n_threads=self.n_threads)
+        else:
+            dx, dgamma, dbeta = _api._backward(dy, x, mean, invstd, self.gamma, self.axis,
+                                               None, self.n_threads, batch_stats=batch_stats)
         self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return dx
 
@@ -181,6 +203,7 @@ class BatchNorm:
         self.num_batches_tracked = nbt
 
     def __repr__(self) -> str:
+        sync = "" if self.comm is None else f", comm=<{self.comm.Get_size()} ranks>"
         return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum:g}, "
                 f"affine={self.affine}, axis={self.axis}, dtype={self.dtype.name}, "
-                f"n_threads={self.n_threads}, training={self.training})")
+                f"n_threads={self.n_threads}, training={self.training}{sync})")

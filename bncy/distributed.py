@@ -1,0 +1,141 @@
+"""Synchronized batch normalization across processes, over MPI (mpi4py).
+
+Each process holds a slice of the batch; the statistics are those of the whole
+batch. The work is bncy's split-phase API with one collective per phase:
+
+* forward: :func:`bncy.batch_stats` on the local slice, an ``allgather`` of every
+  rank's (count, mean, M2), :func:`bncy.merge_stats` in rank order (Chan's formula,
+  exact for unequal counts), :func:`bncy.apply_stats` on the local slice;
+* backward: :func:`bncy.grad_stats` on the local slice, an ``allgather`` of every
+  rank's sums, :func:`bncy.merge_grad_stats` in rank order,
+  :func:`bncy.apply_grad` on the local slice.
+
+Merging gathered parts in rank order (rather than an MPI floating-point
+reduction, whose order MPI does not fix) gives every rank the same bits, for any
+``n_threads``. Every rank validates its arguments before the collective and sends
+either its statistics or its error, so a bad argument or a channel mismatch on
+any rank raises the same exception on every rank instead of leaving the others
+waiting. A rank may hold zero rows.
+
+``comm`` is an mpi4py communicator (``MPI.COMM_WORLD`` or a sub-communicator);
+mpi4py is optional: ``pip install bncy[mpi]`` brings it with the ``mpich`` wheel,
+whose ``mpiexec`` needs no root.
+"""
+
+from __future__ import annotations
+
+from numpy.typing import ArrayLike, NDArray
+
+from bncy import _api
+
+__all__ = ["forward", "backward", "SyncBatchNorm"]
+
+
+def _require_comm(comm):
+    if comm is None or not hasattr(comm, "allgather"):
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "bncy.distributed needs mpi4py: pip install 'bncy[mpi]' "
+                "(mpi4py and the mpich wheel, which provides mpiexec)"
+            ) from None
+        raise TypeError("bncy.distributed: comm must be an mpi4py communicator, "
+                        f"got {type(comm).__name__}")
+    return comm
+
+
+def _exchange(comm, local):
+    """Allgather one message per rank; raise every rank's first error on every rank.
+    A message is ("ok", C, dtype, payload) or ("error", exception type, text)."""
+    messages = comm.allgather(local)
+    for rank, msg in enumerate(messages):
+        if msg[0] == "error":
+            kind = TypeError if msg[1] == "TypeError" else ValueError
+            raise kind(f"bncy.distributed: rank {rank}: {msg[2]}")
+    shapes = {(msg[1], msg[2]) for msg in messages}
+    if len(shapes) > 1:
+        raise ValueError("bncy.distributed: ranks disagree on the number of channels or "
+                         f"the dtype: {[(r, m[1], m[2]) for r, m in enumerate(messages)]}")
+    return [msg[3] for msg in messages]
+
+
+def _guarded(step):
+    """Run a local step; return ("ok", result) or the error as a message."""
+    try:
+        return ("ok", step())
+    except (TypeError, ValueError) as exc:
+        return ("error", type(exc).__name__, str(exc).removeprefix("bncy: "))
+
+
+def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+            comm, eps: float = 1e-5, axis: int = 1, running_mean=None, running_var=None,
+            momentum: float = 0.1, out=None, n_threads: int | None = None,
+            ) -> tuple[NDArray, NDArray, NDArray]:
+    """Training-mode batch normalization with the statistics of all ranks' batches.
+
+    Arguments and results as in :func:`bncy.forward`, plus ``comm`` (an mpi4py
+    communicator; every rank of it must call this). ``y`` is this rank's slice of
+    the output; ``mean`` and ``invstd`` are the whole batch's, the same bits on every
+    rank. x may have zero rows on some ranks; the whole batch needs 2 values per
+    channel.
+    """
+    comm = _require_comm(comm)
+
+    def local():
+        p = _api._plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
+                             out, n_threads, local=False)
+        return p, _api._local_moments(p)
+
+    status = _guarded(local)
+    if status[0] == "ok":
+        p, (n, mean, m2) = status[1]
+        msg = ("ok", p.C, p.x3.dtype.str, (n, mean, m2))
+    else:
+        msg = status
+    parts = _exchange(comm, msg)
+    total = _api.merge_stats([_api.BatchStats(*part) for part in parts])
+    if total.count < 2:
+        raise ValueError("bncy.distributed: expected more than 1 value per channel when "
+                         f"training, got {total.count} over all ranks")
+    return _api._apply_train(p, total.count, total.mean, total.m2, rescue=False)
+
+
+def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+             gamma: ArrayLike | None = None, *, comm, axis: int = 1, out=None,
+             n_threads: int | None = None) -> tuple[NDArray, NDArray, NDArray]:
+    """Gradients of :func:`forward`: this rank's dx; dgamma, dbeta of the whole batch.
+
+    Arguments and results as in :func:`bncy.backward`, plus ``comm``; ``mean`` and
+    ``invstd`` are those :func:`forward` returned.
+    """
+    comm = _require_comm(comm)
+
+    def local():
+        p = _api._plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, local=False)
+        return p, _api._local_grad_sums(p)
+
+    status = _guarded(local)
+    if status[0] == "ok":
+        p, (sdy, sdyx) = status[1]
+        msg = ("ok", p.C, p.dtype.str, (p.count, sdy, sdyx))
+    else:
+        msg = status
+    parts = _exchange(comm, msg)
+    count = sum(part[0] for part in parts)
+    total = _api.merge_grad_stats([_api.GradStats(part[1], part[2]) for part in parts])
+    return _api._apply_grad(p, total.sum_dy, total.sum_dy_xc, count)
+
+
+class SyncBatchNorm:
+    """:class:`bncy.BatchNorm` whose training statistics span every rank of ``comm``.
+
+    Same constructor (plus ``comm``), attributes and methods as
+    :class:`bncy.BatchNorm`; eval mode is purely local (running statistics). Every
+    rank must call forward/backward in training mode together.
+    """
+
+    def __new__(cls, num_features: int, *, comm, **kwargs):
+        from bncy._layer import BatchNorm
+
+        return BatchNorm(num_features, comm=_require_comm(comm), **kwargs)

@@ -1,0 +1,110 @@
+"""Synchronized batch norm, run on every rank under mpiexec (tests/test_distributed.py
+launches it with -n 2 and -n 3). With one process it runs as a 1-rank test."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+import bncy  # noqa: E402
+import bncy.distributed as dist  # noqa: E402
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+CASES = [((23, 6), 1), ((7, 4, 5, 6), 1), ((9, 5, 4, 3), -1), ((5, 3, 40), 1)]
+
+
+def rows(n):
+    """Uneven slices of n rows, rank 0 empty when there are several ranks."""
+    if size == 1:
+        return slice(0, n)
+    cuts = [0, 0] + [1 + (n - 1) * k // (size - 1) for k in range(1, size)]
+    cuts[-1] = n
+    return slice(cuts[rank], cuts[rank + 1])
+
+
+def same_on_every_rank(a):
+    gathered = comm.allgather(np.asarray(a))
+    for other in gathered[1:]:
+        assert_array_equal(gathered[0], other)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_matches_the_single_process_result(shape, axis, dtype):
+    rng = np.random.default_rng(7)                  # the same full batch on every rank
+    x = (5.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    rm, rv = np.zeros(C), np.ones(C)
+    y, m, s = bncy.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv)
+    dx, dg, db = bncy.backward(dy, x, m, s, g, axis=axis)
+    sl = rows(shape[0])
+    xl, dyl = x[sl], dy[sl]
+    results = []
+    for nt in (1, 2):
+        lrm, lrv = np.zeros(C), np.ones(C)
+        yl, ml, sl_ = dist.forward(xl, g, b, comm=comm, axis=axis, running_mean=lrm,
+                                   running_var=lrv, n_threads=nt)
+        dxl, dgl, dbl = dist.backward(dyl, xl, ml, sl_, g, comm=comm, axis=axis, n_threads=nt)
+        results.append((yl, ml, sl_, lrm, lrv, dxl, dgl, dbl))
+    for a, b_ in zip(*results):                      # independent of n_threads
+        assert_array_equal(a, b_)
+    yl, ml, sl_, lrm, lrv, dxl, dgl, dbl = results[0]
+    f32 = dtype == np.float32
+    rt, at = (2e-6, 2e-6) if f32 else (1e-11, 1e-11)
+    M = x.size // C
+    assert_allclose(yl, y[sl], rtol=rt, atol=at)
+    assert_allclose(ml, m, rtol=1e-13)
+    assert_allclose(sl_, s, rtol=1e-12)
+    assert_allclose(lrm, rm, rtol=1e-13)
+    assert_allclose(lrv, rv, rtol=1e-12)
+    assert_allclose(dxl, dx[sl], rtol=rt, atol=at)
+    assert_allclose(dgl, dg, rtol=rt, atol=at * M)
+    assert_allclose(dbl, db, rtol=rt, atol=at * M)
+    for a in (ml, sl_, lrm, lrv, dgl, dbl):         # the same bits on every rank
+        same_on_every_rank(a)
+
+
+def test_channel_mismatch_raises_on_every_rank():
+    C = 4 if rank == size - 1 and size > 1 else 3
+    x = np.random.default_rng(rank).standard_normal((5, C))
+    if size == 1:
+        pytest.skip("needs two ranks")
+    with pytest.raises(ValueError, match="channels"):
+        dist.forward(x, comm=comm)
+    comm.Barrier()
+
+
+def test_bad_argument_on_one_rank_raises_on_every_rank():
+    x = np.random.default_rng(rank).standard_normal((6, 3))
+    eps = -1.0 if rank == 0 else 1e-5
+    with pytest.raises(ValueError, match="rank 0: eps"):
+        dist.forward(x, comm=comm, eps=eps)
+    dy = np.ones((6 if rank else 5, 3))
+    with pytest.raises(ValueError, match="rank 0: dy"):
+        dist.backward(dy, x, np.zeros(3), np.ones(3), comm=comm)
+    comm.Barrier()
+
+
+def test_sync_batchnorm_layer_over_training_steps():
+    C = 5
+    sync = dist.SyncBatchNorm(C, comm=comm, dtype=np.float64)
+    ref = bncy.BatchNorm(C, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        x = rng.standard_normal((17, C, 2, 2)) * (1 + step)
+        dy = rng.standard_normal(x.shape)
+        sl = rows(17)
+        assert_allclose(sync(x[sl]), ref(x)[sl], rtol=1e-11, atol=1e-12)
+        assert_allclose(sync.backward(dy[sl]), ref.backward(dy)[sl], rtol=1e-10, atol=1e-11)
+        assert_allclose(sync.dgamma, ref.dgamma, rtol=1e-10, atol=1e-10)
+    assert_allclose(sync.running_mean, ref.running_mean, rtol=1e-12)
+    assert_allclose(sync.running_var, ref.running_var, rtol=1e-12)
+    assert "ranks" in repr(sync)
+    sync.eval()
+    x = rng.standard_normal((4, C, 2, 2))
+    assert_allclose(sync(x), ref.eval()(x), rtol=1e-12)
