@@ -7,6 +7,7 @@ statistic is written; ``bncy._kernels`` then runs unchecked loops on C-contiguou
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -119,7 +120,7 @@ def _check_real(value, name: str) -> float:
 
 def _check_eps(eps) -> float:
     e = _check_real(eps, "eps")
-    if not (np.isfinite(e) and e >= 0.0):
+    if not (math.isfinite(e) and e >= 0.0):
         raise ValueError(f"bncy: eps must be finite and >= 0, got {eps!r}")
     return e
 
@@ -165,16 +166,11 @@ def _in_order(a: np.ndarray, perm) -> np.ndarray:
     return t if t.flags.c_contiguous else np.ascontiguousarray(t)
 
 
-def _ncs(a: np.ndarray, axis: int) -> np.ndarray:
-    """The (N, C, S) view of a C-contiguous array around its channel axis."""
-    shape = a.shape
-    n = 1
-    for d in shape[:axis]:
-        n *= d
-    s = 1
-    for d in shape[axis + 1:]:
-        s *= d
-    return a.reshape(n, shape[axis], s)
+def _ncs_shape(shape: tuple, axis: int) -> tuple:
+    """(N, C, S) around the channel axis: N the product of the axes before it, S of
+    those after it."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
 
 
 def _choose_layout(x: np.ndarray, out):
@@ -271,8 +267,9 @@ def _layout(plan: _Plan, x: np.ndarray, ax: int, out, dy=None) -> None:
     xt = _in_order(x, perm)
     yt = _alloc_like(xt, out, perm)
     axt = ax if perm is None else perm.index(ax)
-    plan.x3, plan.y3 = _ncs(xt, axt), _ncs(yt, axt)
-    plan.dy3 = None if dy is None else _ncs(_in_order(dy, perm), axt)
+    ncs = _ncs_shape(xt.shape, axt)
+    plan.x3, plan.y3 = xt.reshape(ncs), yt.reshape(ncs)
+    plan.dy3 = None if dy is None else _in_order(dy, perm).reshape(ncs)
     plan.result = out if out is not None else _result(yt, perm)
 
 
@@ -436,7 +433,17 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     """
     p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
                     n_threads)
-    return _apply_train(p, *_local_moments(p), rescue=True)
+    C = p.C
+    mean, m2, var, invstd, scale = (np.empty(C), np.empty(C), np.empty(C), np.empty(C),
+                                    np.empty(C))
+    # the fast path: the three phases of _local_moments + _apply_train in one call
+    if _kernels.forward_train(p.x3, p.gamma, p.beta, p.eps, p.y3, mean, m2, var, invstd,
+                              scale, p.nt):
+        return _apply_train(p, p.count, mean, m2, rescue=True)  # a channel to rescue
+    if p.running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
+        _kernels.ema_update(p.running_mean, mean, p.momentum, 1.0)
+        _kernels.ema_update(p.running_var, m2, p.momentum, 1.0 / (p.count - 1))
+    return p.result, mean, invstd
 
 
 def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
@@ -485,10 +492,8 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     p = _Plan()
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out)
-    scale = np.empty(C)
-    _kernels.inference_coefficients(_as_f64(running_var), e, _as_f64(gamma), scale)
-    shift = np.zeros(C) if beta is None else _as_f64(beta)
-    _kernels.affine(p.x3, _as_f64(running_mean), scale, shift, p.y3, p.nt)
+    _kernels.inference_train(p.x3, _as_f64(running_mean), _as_f64(running_var),
+                             _as_f64(gamma), _as_f64(beta), e, p.y3, p.nt)
     return p.result
 
 
@@ -533,7 +538,10 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
-    return _apply_grad(p, *_local_grad_sums(p), p.count)
+    sdy, dgamma = np.empty(p.C), np.empty(p.C)
+    # the fast path: _local_grad_sums + _apply_grad in one call
+    _kernels.backward_train(p.dy3, p.x3, p.mean, p.invstd, p.gamma, p.y3, sdy, dgamma, p.nt)
+    return (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
 
 
 def _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, *, batch_stats: bool):

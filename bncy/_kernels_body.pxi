@@ -746,6 +746,24 @@ def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
 # Per-channel coefficients (C values: serial, no blocking needed)
 # ---------------------------------------------------------------------------
 
+cdef int _train_coefficients(const double* mean, const double* m2, Py_ssize_t C,
+                             double count, double eps, const double* gamma,
+                             double* var_out, double* invstd_out,
+                             double* scale_out) noexcept nogil:
+    # Per channel: var, invstd, gamma * invstd. Counts the channels that need
+    # bncy._api's scaled recomputation (see train_coefficients).
+    cdef Py_ssize_t c
+    cdef int suspicious = 0
+    for c in range(C):
+        var_out[c] = m2[c] / count
+        invstd_out[c] = 1.0 / sqrt(var_out[c] + eps)
+        scale_out[c] = invstd_out[c] * gamma[c] if gamma != NULL else invstd_out[c]
+        if (not (m2[c] - m2[c] == 0.0) or not (mean[c] - mean[c] == 0.0)
+                or (eps == 0.0 and m2[c] == 0.0)):
+            suspicious += 1
+    return suspicious
+
+
 def train_coefficients(const double[::1] mean,   # IN (C,) batch mean
                        const double[::1] m2,     # IN (C,) sum of squared deviations
                        double count,             # IN values per channel
@@ -760,32 +778,72 @@ def train_coefficients(const double[::1] mean,   # IN (C,) batch mean
     mean or M2 (float64 data whose squares overflow, or NaN/inf in the channel), or
     M2 == 0 with eps == 0 (a constant channel, or squares that underflowed).
     """
-    cdef Py_ssize_t c, C = m2.shape[0]
-    cdef bint has_gamma = gamma is not None
-    cdef int suspicious = 0
+    cdef int suspicious
     with nogil:
-        for c in range(C):
-            var_out[c] = m2[c] / count
-            invstd_out[c] = 1.0 / sqrt(var_out[c] + eps)
-            scale_out[c] = invstd_out[c] * gamma[c] if has_gamma else invstd_out[c]
-            if (not (m2[c] - m2[c] == 0.0) or not (mean[c] - mean[c] == 0.0)
-                    or (eps == 0.0 and m2[c] == 0.0)):
-                suspicious += 1
+        suspicious = _train_coefficients(&mean[0], &m2[0], m2.shape[0], count, eps,
+                                         &gamma[0] if gamma is not None else NULL,
+                                         &var_out[0], &invstd_out[0], &scale_out[0])
     return suspicious
 
 
-def inference_coefficients(const double[::1] running_var,  # IN (C,)
-                           double eps,
-                           const double[::1] gamma,        # IN (C,) or None (ones)
-                           double[::1] scale_out):         # OUT (C,) gamma / sqrt(var + eps)
-    """Scale of the inference pass."""
-    cdef Py_ssize_t c, C = running_var.shape[0]
-    cdef bint has_gamma = gamma is not None
+def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
+                  const double[::1] gamma,       # IN (C,) or None (ones)
+                  const double[::1] beta,        # IN (C,) or None (zeros)
+                  double eps,
+                  floating[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
+                  double[::1] mean_out,          # OUT (C,)
+                  double[::1] m2_out,            # OUT (C,)
+                  double[::1] var_out,           # OUT (C,)
+                  double[::1] invstd_out,        # OUT (C,)
+                  double[::1] scale_out,         # OUT (C,) gamma * invstd
+                  int n_threads):
+    """moments, train_coefficients and affine in one call (bncy.forward's fast path:
+    one fused-type dispatch instead of three). Returns train_coefficients' count;
+    when it is not 0, y_out is left unwritten for the caller to rescue and finish."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
+    cdef int rc, suspicious = 0
+    cdef double* shift = <double*> malloc(C * sizeof(double))
+    if shift == NULL:
+        raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
         for c in range(C):
-            scale_out[c] = 1.0 / sqrt(running_var[c] + eps)
-            if has_gamma:
-                scale_out[c] = scale_out[c] * gamma[c]
+            shift[c] = beta[c] if beta is not None else 0.0
+        if S < ROWS_MAX_RUN:
+            rc = _moments_rows(&x[0, 0, 0], N, C, S, &mean_out[0], &m2_out[0], n_threads)
+        else:
+            rc = _moments_planes(&x[0, 0, 0], N, C, S, &mean_out[0], &m2_out[0], n_threads)
+        if rc == 0:
+            suspicious = _train_coefficients(&mean_out[0], &m2_out[0], C, <double> (N * S),
+                                             eps, &gamma[0] if gamma is not None else NULL,
+                                             &var_out[0], &invstd_out[0], &scale_out[0])
+        if rc == 0 and suspicious == 0:
+            if S < ROWS_MAX_RUN:
+                rc = _affine_rows(&x[0, 0, 0], &mean_out[0], &scale_out[0], shift, N, C, S,
+                                  &y_out[0, 0, 0], n_threads)
+            else:
+                rc = _affine_planes(&x[0, 0, 0], &mean_out[0], &scale_out[0], shift, N, C,
+                                    S, &y_out[0, 0, 0], n_threads)
+    free(shift)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the partial statistics")
+    return suspicious
+
+
+cdef void _backward_coefficients(const double* sdy, const double* sdyx,
+                                 const double* invstd, const double* gamma, Py_ssize_t C,
+                                 double count, double* a_out, double* b_out, double* k_out,
+                                 double* dgamma_out) noexcept nogil:
+    # dx = a*dy + b*xhat + k; each product grouped so that every factor is O(1) or
+    # O(dy) whatever x's magnitude (see backward_coefficients).
+    cdef Py_ssize_t c
+    cdef double s, g
+    for c in range(C):
+        g = gamma[c] if gamma != NULL else 1.0
+        s = invstd[c]
+        dgamma_out[c] = sdyx[c] * s
+        a_out[c] = g * s
+        b_out[c] = -(g * s) * ((s * sdyx[c]) / count)
+        k_out[c] = -(g * s) * (sdy[c] / count)
 
 
 def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
@@ -800,17 +858,82 @@ def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
     """Coefficients of dx = a*dy + b*xhat + k, xhat = (x - mean)*invstd (the closed
     form, see docs/derivation.md), grouped so that no product under- or overflows
     before the result would: every factor is O(1) or O(dy)."""
-    cdef Py_ssize_t c, C = sdy.shape[0]
-    cdef bint has_gamma = gamma is not None
-    cdef double s, g
+    with nogil:
+        _backward_coefficients(&sdy[0], &sdyx[0], &invstd[0],
+                               &gamma[0] if gamma is not None else NULL, sdy.shape[0],
+                               count, &a_out[0], &b_out[0], &k_out[0], &dgamma_out[0])
+
+
+def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
+                   const floating[:, :, ::1] x,    # IN (N, C, S)
+                   const double[::1] mean,         # IN (C,)
+                   const double[::1] invstd,       # IN (C,)
+                   const double[::1] gamma,        # IN (C,) or None (ones)
+                   floating[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
+                   double[::1] sdy_out,            # OUT (C,) sum of dy (= dbeta)
+                   double[::1] dgamma_out,         # OUT (C,)
+                   int n_threads):
+    """grad_sums, backward_coefficients and grad_input in one call (bncy.backward's
+    fast path: one fused-type dispatch instead of three)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef int rc
+    cdef double* work = <double*> malloc(4 * C * sizeof(double))
+    if work == NULL:
+        raise MemoryError("bncy: could not allocate the per-channel coefficients")
+    with nogil:
+        if S < ROWS_MAX_RUN:
+            rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], N, C, S, &sdy_out[0],
+                                 work, n_threads)
+        else:
+            rc = _grad_sums_planes(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], N, C, S,
+                                   &sdy_out[0], work, n_threads)
+        if rc == 0:
+            _backward_coefficients(&sdy_out[0], work, &invstd[0],
+                                   &gamma[0] if gamma is not None else NULL, C,
+                                   <double> (N * S), work + C, work + 2 * C, work + 3 * C,
+                                   &dgamma_out[0])
+            if S < ROWS_MAX_RUN:
+                rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], &invstd[0],
+                                      work + C, work + 2 * C, work + 3 * C, N, C, S,
+                                      &dx_out[0, 0, 0], n_threads)
+            else:
+                rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], &invstd[0],
+                                        work + C, work + 2 * C, work + 3 * C, N, C, S,
+                                        &dx_out[0, 0, 0], n_threads)
+    free(work)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the partial sums")
+
+
+def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
+                    const double[::1] running_mean, const double[::1] running_var,
+                    const double[::1] gamma,        # IN (C,) or None (ones)
+                    const double[::1] beta,         # IN (C,) or None (zeros)
+                    double eps,
+                    floating[:, :, ::1] y_out,      # OUT (N, C, S), may be x itself
+                    int n_threads):
+    """y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta: the scale and
+    the affine pass in one call (bncy.inference)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
+    cdef int rc
+    cdef double* work = <double*> malloc(2 * C * sizeof(double))
+    if work == NULL:
+        raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
         for c in range(C):
-            g = gamma[c] if has_gamma else 1.0
-            s = invstd[c]
-            dgamma_out[c] = sdyx[c] * s
-            a_out[c] = g * s
-            b_out[c] = -(g * s) * ((s * sdyx[c]) / count)
-            k_out[c] = -(g * s) * (sdy[c] / count)
+            work[c] = 1.0 / sqrt(running_var[c] + eps)
+            if gamma is not None:
+                work[c] = work[c] * gamma[c]
+            work[C + c] = beta[c] if beta is not None else 0.0
+        if S < ROWS_MAX_RUN:
+            rc = _affine_rows(&x[0, 0, 0], &running_mean[0], work, work + C, N, C, S,
+                              &y_out[0, 0, 0], n_threads)
+        else:
+            rc = _affine_planes(&x[0, 0, 0], &running_mean[0], work, work + C, N, C, S,
+                                &y_out[0, 0, 0], n_threads)
+    free(work)
+    if rc != 0:
+        raise MemoryError("bncy: could not allocate the per-column coefficients")
 
 
 # ---------------------------------------------------------------------------
