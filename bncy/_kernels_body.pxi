@@ -121,6 +121,20 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
 
+cdef inline Py_ssize_t _row_tile(Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
+    # Columns per block of the rows schedule's elementwise passes: whole rows,
+    # unless there are too few row blocks for the threads (N <= ROW_BLOCK would
+    # run on one): then about 2 * n_threads blocks, each at least COL_TILE
+    # columns wide and a multiple of 16 (whole cache lines of float32).
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), nkt
+    if n_threads <= 1 or n_rb >= 2 * n_threads:
+        return K
+    nkt = _imin(_cdiv(K, COL_TILE), _cdiv(2 * n_threads, n_rb))
+    if nkt <= 1:
+        return K
+    return _cdiv(_cdiv(K, nkt), 16) * 16
+
+
 # ---------------------------------------------------------------------------
 # Block helpers (one block, one thread, in cache)
 # ---------------------------------------------------------------------------
@@ -577,7 +591,8 @@ cdef int _affine_rows(const floating* x, const double* center, const double* sca
                       const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       floating* y_out, int n_threads) noexcept nogil:
     # Row blocks in parallel, rows in order, whole rows with columns innermost
-    # (tiling the columns broke the read/write streams and was slower).
+    # (tiling the columns broke the read/write streams and was slower), except
+    # when there are too few row blocks for the threads (see _row_tile).
     # y may be x (same index only).
     cdef Py_ssize_t K = C * S
     cdef Py_ssize_t br, r, k
@@ -597,12 +612,17 @@ cdef int _affine_rows(const floating* x, const double* center, const double* sca
         ce = cols
         sc = cols + K
         sh = cols + 2 * K
-    for br in prange(_cdiv(N, ROW_BLOCK), schedule='static', num_threads=n_threads,
+    cdef Py_ssize_t TW = _row_tile(N, K, n_threads)
+    cdef Py_ssize_t nkt = _cdiv(K, TW), b, k0, k1
+    for b in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static', num_threads=n_threads,
                      use_threads_if=n_threads > 1):
+        br = b // nkt
+        k0 = (b % nkt) * TW
+        k1 = _imin(K, k0 + TW)
         for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
             xr = x + r * K
             yr = y_out + r * K
-            for k in range(K):
+            for k in range(k0, k1):
                 yr[k] = <floating> ((xr[k] - ce[k]) * sc[k] + sh[k])
     free(cols)
     return 0
@@ -653,7 +673,8 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
                           const double* invstd, const double* a, const double* b,
                           const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                           floating* dx_out, int n_threads) noexcept nogil:
-    # Row blocks in parallel, rows in order, whole rows with columns innermost.
+    # Row blocks in parallel, rows in order, whole rows with columns innermost
+    # (column tiles when there are too few row blocks, see _row_tile).
     # dx may be dy or x (same index only).
     cdef Py_ssize_t K = C * S
     cdef Py_ssize_t br, r, k
@@ -680,13 +701,18 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
         ca = cols + 2 * K
         cb = cols + 3 * K
         ck = cols + 4 * K
-    for br in prange(_cdiv(N, ROW_BLOCK), schedule='static', num_threads=n_threads,
+    cdef Py_ssize_t TW = _row_tile(N, K, n_threads)
+    cdef Py_ssize_t nkt = _cdiv(K, TW), blk, q0, q1
+    for blk in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static', num_threads=n_threads,
                      use_threads_if=n_threads > 1):
+        br = blk // nkt
+        q0 = (blk % nkt) * TW
+        q1 = _imin(K, q0 + TW)
         for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
             dr = dy + r * K
             xr = x + r * K
             outr = dx_out + r * K
-            for k in range(K):
+            for k in range(q0, q1):
                 outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k]
                                       + ck[k])
     free(cols)

@@ -12,7 +12,7 @@ from conftest import DTYPES, make
 # Shapes chosen to cross block boundaries in each schedule with several threads.
 DET_CASES = [
     ((1000, 37), 1),         # rows, many row blocks
-    ((70, 600), 1),          # rows, several column tiles
+    ((70, 600), 1),          # rows, several column tiles (elementwise too, from 2 threads)
     ((300, 7, 5), 1),        # rows with S=5
     ((6, 5, 33, 33), 1),     # planes
     ((2, 3, 9000), 1),       # planes, several segments per run

@@ -8,7 +8,9 @@ from numpy.testing import assert_allclose, assert_array_equal
 import bncy
 from conftest import DTYPES, make, tol
 
-CASES = [((40, 6), 1), ((9, 4, 6, 7), 1), ((6, 5, 4, 3), -1), ((7, 3, 50), 1)]
+# rows and planes schedules; (3, 4, 5000) has two segments per run
+CASES = [((40, 6), 1), ((9, 4, 6, 7), 1), ((6, 5, 4, 3), -1), ((7, 3, 50), 1),
+         ((3, 4, 5000), 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
