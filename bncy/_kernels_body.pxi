@@ -38,8 +38,10 @@
 # count. Each block writes its own row of partial results; after the parallel
 # region the rows are combined in block order (loops parallel over columns, each
 # column's order fixed). So every output is bitwise identical for any n_threads.
-# prange uses schedule='static'; tiny inputs run without starting threads
-# (use_threads_if), which changes who computes a block, not what it computes.
+# prange uses schedule='static'. With one thread the same block functions run in
+# a plain loop, outside any OpenMP region (entering one costs ~0.6 us even when
+# it starts no thread, a third of a small call); that changes who computes a
+# block, never what it computes.
 #
 # Not checked here: shapes, dtypes, contiguity, aliasing, NaN. NaN and inf stay
 # in their own channel because no loop mixes channels.
@@ -395,6 +397,16 @@ cdef void _expand(const double* v, Py_ssize_t C, Py_ssize_t S, double* out) noex
 # Kernels: statistics
 # ---------------------------------------------------------------------------
 
+cdef inline void _rows_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t K,
+                                     Py_ssize_t n_kt, Py_ssize_t b,
+                                     double* part) noexcept nogil:
+    # Block b: row block b // n_kt, column tile b % n_kt; into partial row br.
+    cdef Py_ssize_t br = b // n_kt, kt = b % n_kt, n_rb = _cdiv(N, ROW_BLOCK)
+    _block_col_moments(x, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
+                       kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                       part + br * K, part + (n_rb + br) * K)
+
+
 cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        double* mean_out, double* m2_out, int n_threads) noexcept nogil:
     # Blocks: ROW_BLOCK rows x COL_TILE columns of (N, K), row-block-major, so a
@@ -416,17 +428,17 @@ cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
             return -1
         col_mean = cols
         col_m2 = cols + K
-    for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        br = b // n_kt
-        kt = b % n_kt
-        _block_col_moments(x, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
-                           kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
-                           part + br * K, part + (n_rb + br) * K)
-    for kt in prange(n_kt, schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        _merge_moments(part, part + n_rb * K, n_rb, K, kt * COL_TILE,
-                       _imin(K, (kt + 1) * COL_TILE), ROW_BLOCK, N, n_rb,
+    if n_threads > 1:
+        for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads):
+            _rows_moments_block(x, N, K, n_kt, b, part)
+        for kt in prange(n_kt, schedule='static', num_threads=n_threads):
+            _merge_moments(part, part + n_rb * K, n_rb, K, kt * COL_TILE,
+                           _imin(K, (kt + 1) * COL_TILE), ROW_BLOCK, N, n_rb,
+                           col_mean, col_m2)
+    else:
+        for b in range(n_rb * n_kt):
+            _rows_moments_block(x, N, K, n_kt, b, part)
+        _merge_moments(part, part + n_rb * K, n_rb, K, 0, K, ROW_BLOCK, N, n_rb,
                        col_mean, col_m2)
     if S > 1:
         _merge_group_moments(col_mean, col_m2, C, S, <double> N, mean_out, m2_out)
@@ -435,35 +447,43 @@ cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     return 0
 
 
+cdef inline void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
+                                       Py_ssize_t S, Py_ssize_t b, double* pmean,
+                                       double* pm2) noexcept nogil:
+    # Block b: segment g = b % nseg of run nc = b // nseg; into partial row
+    # j = n * nseg + g, column c. Two-pass: segment mean, then squared deviations.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), g = b % nseg, nc = b // nseg
+    cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
+    cdef double mean
+    bncy_assert(nc < N * C and s0 + L <= S and j < N * nseg)
+    mean = _run_sum(x + nc * S + s0, L) / L
+    pmean[j * C + nc % C] = mean
+    pm2[j * C + nc % C] = _run_sqdev(x + nc * S + s0, L, mean)
+
+
 cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          double* mean_out, double* m2_out, int n_threads) noexcept nogil:
     # Blocks: segment g of run (n, c), ordered (n, c, g) as in memory. Partial
     # row n*nseg + g, column c; merged per channel in (n, g) order.
     cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg
-    cdef Py_ssize_t b, g, nc, s0, L, j, kt
+    cdef Py_ssize_t b, kt
     cdef double* part = <double*> malloc(2 * J * C * sizeof(double))
     cdef double* pmean
     cdef double* pm2
-    cdef double mean
     if part == NULL:
         return -1
     pmean = part
     pm2 = part + J * C
-    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        g = b % nseg
-        nc = b // nseg
-        s0 = g * SEG
-        L = _imin(SEG, S - s0)
-        j = (nc // C) * nseg + g
-        bncy_assert(nc < N * C and s0 + L <= S and j < J)
-        mean = _run_sum(x + nc * S + s0, L) / L
-        pmean[j * C + nc % C] = mean
-        pm2[j * C + nc % C] = _run_sqdev(x + nc * S + s0, L, mean)
-    for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        _merge_moments(pmean, pm2, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
-                       SEG, S, nseg, mean_out, m2_out)
+    if n_threads > 1:
+        for b in prange(N * C * nseg, schedule='static', num_threads=n_threads):
+            _planes_moments_block(x, N, C, S, b, pmean, pm2)
+        for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads):
+            _merge_moments(pmean, pm2, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
+                           SEG, S, nseg, mean_out, m2_out)
+    else:
+        for b in range(N * C * nseg):
+            _planes_moments_block(x, N, C, S, b, pmean, pm2)
+        _merge_moments(pmean, pm2, J, C, 0, C, SEG, S, nseg, mean_out, m2_out)
     free(part)
     return 0
 
@@ -489,6 +509,17 @@ def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
 # Kernels: backward reductions
 # ---------------------------------------------------------------------------
 
+cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
+                                       const double* center, Py_ssize_t N, Py_ssize_t K,
+                                       Py_ssize_t n_kt, Py_ssize_t b,
+                                       double* part) noexcept nogil:
+    # Block b as in _rows_moments_block.
+    cdef Py_ssize_t br = b // n_kt, kt = b % n_kt, n_rb = _cdiv(N, ROW_BLOCK)
+    _block_col_grad_sums(dy, x, center, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
+                         kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                         part + br * K, part + (n_rb + br) * K)
+
+
 cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
@@ -512,19 +543,19 @@ cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* ce
         col_sdyx = cols + K
         _expand(center, C, S, cols + 2 * K)
         ccenter = cols + 2 * K
-    for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        br = b // n_kt
-        kt = b % n_kt
-        _block_col_grad_sums(dy, x, ccenter, K, br * ROW_BLOCK,
-                             _imin(N, (br + 1) * ROW_BLOCK), kt * COL_TILE,
-                             _imin(K, (kt + 1) * COL_TILE),
-                             part + br * K, part + (n_rb + br) * K)
-    for kt in prange(n_kt, schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        _merge_sums(part, n_rb, K, kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE), col_sdy)
-        _merge_sums(part + n_rb * K, n_rb, K, kt * COL_TILE,
-                    _imin(K, (kt + 1) * COL_TILE), col_sdyx)
+    if n_threads > 1:
+        for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads):
+            _rows_grad_sums_block(dy, x, ccenter, N, K, n_kt, b, part)
+        for kt in prange(n_kt, schedule='static', num_threads=n_threads):
+            _merge_sums(part, n_rb, K, kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                        col_sdy)
+            _merge_sums(part + n_rb * K, n_rb, K, kt * COL_TILE,
+                        _imin(K, (kt + 1) * COL_TILE), col_sdyx)
+    else:
+        for b in range(n_rb * n_kt):
+            _rows_grad_sums_block(dy, x, ccenter, N, K, n_kt, b, part)
+        _merge_sums(part, n_rb, K, 0, K, col_sdy)
+        _merge_sums(part + n_rb * K, n_rb, K, 0, K, col_sdyx)
     if S > 1:
         _merge_group_sums(col_sdy, C, S, sdy_out)
         _merge_group_sums(col_sdyx, C, S, sdyx_out)
@@ -533,31 +564,42 @@ cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* ce
     return 0
 
 
+cdef inline void _planes_grad_sums_block(const floating* dy, const floating* x,
+                                         const double* center, Py_ssize_t N, Py_ssize_t C,
+                                         Py_ssize_t S, Py_ssize_t b,
+                                         double* part) noexcept nogil:
+    # Block b as in _planes_moments_block; two sweeps of the segment (in L1),
+    # each vectorising like _run_sum. part holds J rows of sum dy, then J of
+    # sum dy * (x - center).
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg, g = b % nseg, nc = b // nseg
+    cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
+    bncy_assert(nc < N * C and s0 < S and j < J)
+    part[j * C + nc % C] = _run_sum(dy + nc * S + s0, L)
+    part[(J + j) * C + nc % C] = _run_centered_dot(dy + nc * S + s0, x + nc * S + s0, L,
+                                                   center[nc % C])
+
+
 cdef int _grad_sums_planes(const floating* dy, const floating* x, const double* center,
                            Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                            double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
     # Blocks as in _moments_planes; partial sums merged in (n, g) order.
     cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg
-    cdef Py_ssize_t b, g, nc, s0, j, kt
+    cdef Py_ssize_t b, kt
     cdef double* part = <double*> malloc(2 * J * C * sizeof(double))
     if part == NULL:
         return -1
-    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        g = b % nseg
-        nc = b // nseg
-        s0 = g * SEG
-        j = (nc // C) * nseg + g
-        bncy_assert(nc < N * C and s0 < S and j < J)
-        # two sweeps of the segment (in L1): each vectorises like _run_sum
-        part[j * C + nc % C] = _run_sum(dy + nc * S + s0, _imin(SEG, S - s0))
-        part[(J + j) * C + nc % C] = _run_centered_dot(dy + nc * S + s0, x + nc * S + s0,
-                                                       _imin(SEG, S - s0), center[nc % C])
-    for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        _merge_sums(part, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE), sdy_out)
-        _merge_sums(part + J * C, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
-                    sdyx_out)
+    if n_threads > 1:
+        for b in prange(N * C * nseg, schedule='static', num_threads=n_threads):
+            _planes_grad_sums_block(dy, x, center, N, C, S, b, part)
+        for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads):
+            _merge_sums(part, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE), sdy_out)
+            _merge_sums(part + J * C, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
+                        sdyx_out)
+    else:
+        for b in range(N * C * nseg):
+            _planes_grad_sums_block(dy, x, center, N, C, S, b, part)
+        _merge_sums(part, J, C, 0, C, sdy_out)
+        _merge_sums(part + J * C, J, C, 0, C, sdyx_out)
     free(part)
     return 0
 
@@ -587,6 +629,22 @@ def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
 # Kernels: elementwise passes
 # ---------------------------------------------------------------------------
 
+cdef inline void _rows_affine_block(const floating* x, const double* ce, const double* sc,
+                                    const double* sh, Py_ssize_t N, Py_ssize_t K,
+                                    Py_ssize_t TW, Py_ssize_t b,
+                                    floating* y_out) noexcept nogil:
+    # Block b: row block b // nkt, columns [k0, k1) of tile b % nkt (TW wide).
+    cdef Py_ssize_t nkt = _cdiv(K, TW), br = b // nkt, r, k
+    cdef Py_ssize_t k0 = (b % nkt) * TW, k1 = _imin(K, k0 + TW)
+    cdef const floating* xr
+    cdef floating* yr
+    for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+        xr = x + r * K
+        yr = y_out + r * K
+        for k in range(k0, k1):
+            yr[k] = <floating> ((xr[k] - ce[k]) * sc[k] + sh[k])
+
+
 cdef int _affine_rows(const floating* x, const double* center, const double* scale,
                       const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       floating* y_out, int n_threads) noexcept nogil:
@@ -594,14 +652,12 @@ cdef int _affine_rows(const floating* x, const double* center, const double* sca
     # (tiling the columns broke the read/write streams and was slower), except
     # when there are too few row blocks for the threads (see _row_tile).
     # y may be x (same index only).
-    cdef Py_ssize_t K = C * S
-    cdef Py_ssize_t br, r, k
+    cdef Py_ssize_t K = C * S, TW = _row_tile(N, K, n_threads)
+    cdef Py_ssize_t nkt = _cdiv(K, TW), b
     cdef double* cols = NULL
     cdef const double* ce = center
     cdef const double* sc = scale
     cdef const double* sh = shift
-    cdef const floating* xr
-    cdef floating* yr
     if S > 1:
         cols = <double*> malloc(3 * K * sizeof(double))
         if cols == NULL:
@@ -612,40 +668,41 @@ cdef int _affine_rows(const floating* x, const double* center, const double* sca
         ce = cols
         sc = cols + K
         sh = cols + 2 * K
-    cdef Py_ssize_t TW = _row_tile(N, K, n_threads)
-    cdef Py_ssize_t nkt = _cdiv(K, TW), b, k0, k1
-    for b in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        br = b // nkt
-        k0 = (b % nkt) * TW
-        k1 = _imin(K, k0 + TW)
-        for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
-            xr = x + r * K
-            yr = y_out + r * K
-            for k in range(k0, k1):
-                yr[k] = <floating> ((xr[k] - ce[k]) * sc[k] + sh[k])
+    if n_threads > 1:
+        for b in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static', num_threads=n_threads):
+            _rows_affine_block(x, ce, sc, sh, N, K, TW, b, y_out)
+    else:
+        for b in range(_cdiv(N, ROW_BLOCK) * nkt):
+            _rows_affine_block(x, ce, sc, sh, N, K, TW, b, y_out)
     free(cols)
     return 0
+
+
+cdef inline void _planes_affine_block(const floating* x, const double* center,
+                                      const double* scale, const double* shift,
+                                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                      Py_ssize_t b, floating* y_out) noexcept nogil:
+    # Block b: segment b % nseg of run b // nseg, in memory order.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), c = (b // nseg) % C, i
+    cdef Py_ssize_t off = (b // nseg) * S + (b % nseg) * SEG
+    cdef Py_ssize_t L = _imin(SEG, S - (b % nseg) * SEG)
+    cdef double ce = center[c], sc = scale[c], sh = shift[c]
+    bncy_assert(off + L <= N * C * S and c < C)
+    for i in range(off, off + L):
+        y_out[i] = <floating> ((x[i] - ce) * sc + sh)
 
 
 cdef int _affine_planes(const floating* x, const double* center, const double* scale,
                         const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         floating* y_out, int n_threads) noexcept nogil:
     # Segments of runs in parallel, in memory order. y may be x (same index only).
-    cdef Py_ssize_t nseg = _cdiv(S, SEG)
-    cdef Py_ssize_t b, c, i, off, L
-    cdef double ce, sc, sh
-    for b in prange(N * C * nseg, schedule='static', num_threads=n_threads,
-                    use_threads_if=n_threads > 1):
-        c = (b // nseg) % C
-        off = (b // nseg) * S + (b % nseg) * SEG
-        L = _imin(SEG, S - (b % nseg) * SEG)
-        bncy_assert(off + L <= N * C * S and c < C)
-        ce = center[c]
-        sc = scale[c]
-        sh = shift[c]
-        for i in range(off, off + L):
-            y_out[i] = <floating> ((x[i] - ce) * sc + sh)
+    cdef Py_ssize_t b
+    if n_threads > 1:
+        for b in prange(N * C * _cdiv(S, SEG), schedule='static', num_threads=n_threads):
+            _planes_affine_block(x, center, scale, shift, N, C, S, b, y_out)
+    else:
+        for b in range(N * C * _cdiv(S, SEG)):
+            _planes_affine_block(x, center, scale, shift, N, C, S, b, y_out)
     return 0
 
 
@@ -669,6 +726,26 @@ def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
 
+cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
+                                        const double* ce, const double* cs,
+                                        const double* ca, const double* cb,
+                                        const double* ck, Py_ssize_t N, Py_ssize_t K,
+                                        Py_ssize_t TW, Py_ssize_t blk,
+                                        floating* dx_out) noexcept nogil:
+    # Block blk as in _rows_affine_block.
+    cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k
+    cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
+    cdef const floating* dr
+    cdef const floating* xr
+    cdef floating* outr
+    for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+        dr = dy + r * K
+        xr = x + r * K
+        outr = dx_out + r * K
+        for k in range(q0, q1):
+            outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k] + ck[k])
+
+
 cdef int _grad_input_rows(const floating* dy, const floating* x, const double* center,
                           const double* invstd, const double* a, const double* b,
                           const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -676,17 +753,14 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
     # Row blocks in parallel, rows in order, whole rows with columns innermost
     # (column tiles when there are too few row blocks, see _row_tile).
     # dx may be dy or x (same index only).
-    cdef Py_ssize_t K = C * S
-    cdef Py_ssize_t br, r, k
+    cdef Py_ssize_t K = C * S, TW = _row_tile(N, K, n_threads)
+    cdef Py_ssize_t nkt = _cdiv(K, TW), blk
     cdef double* cols = NULL
     cdef const double* ce = center
     cdef const double* cs = invstd
     cdef const double* ca = a
     cdef const double* cb = b
     cdef const double* ck = k0
-    cdef const floating* dr
-    cdef const floating* xr
-    cdef floating* outr
     if S > 1:
         cols = <double*> malloc(5 * K * sizeof(double))
         if cols == NULL:
@@ -701,22 +775,31 @@ cdef int _grad_input_rows(const floating* dy, const floating* x, const double* c
         ca = cols + 2 * K
         cb = cols + 3 * K
         ck = cols + 4 * K
-    cdef Py_ssize_t TW = _row_tile(N, K, n_threads)
-    cdef Py_ssize_t nkt = _cdiv(K, TW), blk, q0, q1
-    for blk in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static', num_threads=n_threads,
-                     use_threads_if=n_threads > 1):
-        br = blk // nkt
-        q0 = (blk % nkt) * TW
-        q1 = _imin(K, q0 + TW)
-        for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
-            dr = dy + r * K
-            xr = x + r * K
-            outr = dx_out + r * K
-            for k in range(q0, q1):
-                outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k]
-                                      + ck[k])
+    if n_threads > 1:
+        for blk in prange(_cdiv(N, ROW_BLOCK) * nkt, schedule='static',
+                          num_threads=n_threads):
+            _rows_grad_input_block(dy, x, ce, cs, ca, cb, ck, N, K, TW, blk, dx_out)
+    else:
+        for blk in range(_cdiv(N, ROW_BLOCK) * nkt):
+            _rows_grad_input_block(dy, x, ce, cs, ca, cb, ck, N, K, TW, blk, dx_out)
     free(cols)
     return 0
+
+
+cdef inline void _planes_grad_input_block(const floating* dy, const floating* x,
+                                          const double* center, const double* invstd,
+                                          const double* a, const double* b,
+                                          const double* k0, Py_ssize_t N, Py_ssize_t C,
+                                          Py_ssize_t S, Py_ssize_t blk,
+                                          floating* dx_out) noexcept nogil:
+    # Block blk as in _planes_affine_block.
+    cdef Py_ssize_t nseg = _cdiv(S, SEG), c = (blk // nseg) % C, i
+    cdef Py_ssize_t off = (blk // nseg) * S + (blk % nseg) * SEG
+    cdef Py_ssize_t L = _imin(SEG, S - (blk % nseg) * SEG)
+    cdef double ce = center[c], cs = invstd[c], ca = a[c], cb = b[c], ck = k0[c]
+    bncy_assert(off + L <= N * C * S and c < C)
+    for i in range(off, off + L):
+        dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
 
 
 cdef int _grad_input_planes(const floating* dy, const floating* x, const double* center,
@@ -724,22 +807,13 @@ cdef int _grad_input_planes(const floating* dy, const floating* x, const double*
                             const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                             floating* dx_out, int n_threads) noexcept nogil:
     # Segments of runs in parallel, in memory order. dx may be dy or x.
-    cdef Py_ssize_t nseg = _cdiv(S, SEG)
-    cdef Py_ssize_t blk, c, i, off, L
-    cdef double ce, cs, ca, cb, ck
-    for blk in prange(N * C * nseg, schedule='static', num_threads=n_threads,
-                      use_threads_if=n_threads > 1):
-        c = (blk // nseg) % C
-        off = (blk // nseg) * S + (blk % nseg) * SEG
-        L = _imin(SEG, S - (blk % nseg) * SEG)
-        bncy_assert(off + L <= N * C * S and c < C)
-        ce = center[c]
-        cs = invstd[c]
-        ca = a[c]
-        cb = b[c]
-        ck = k0[c]
-        for i in range(off, off + L):
-            dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
+    cdef Py_ssize_t blk
+    if n_threads > 1:
+        for blk in prange(N * C * _cdiv(S, SEG), schedule='static', num_threads=n_threads):
+            _planes_grad_input_block(dy, x, center, invstd, a, b, k0, N, C, S, blk, dx_out)
+    else:
+        for blk in range(N * C * _cdiv(S, SEG)):
+            _planes_grad_input_block(dy, x, center, invstd, a, b, k0, N, C, S, blk, dx_out)
     return 0
 
 
