@@ -87,10 +87,54 @@ def _torch_case(torch, x, dy, axis, C):
         "inference": lambda: nbn(tx, w, b, rm, rv, False, 0.1, 1e-5),
         "backward": lambda: torch.ops.aten.native_batch_norm_backward(
             tdy, tx, w, rm, rv, saved[1], saved[2], True, 1e-5, [True, True, True]),
+        "_tensors": (tx, tdy),
     }
 
 
-def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=True):
+def _mkldnn_case(torch, x, dy, axis, C):
+    """PyTorch's oneDNN kernels on x.to_mkldnn(): float32 NCHW only, else {}."""
+    if x.dtype != np.float32 or x.ndim != 4 or axis != 1:
+        return {}
+    tx, tdy = torch.from_numpy(x).to_mkldnn(), torch.from_numpy(dy).to_mkldnn()
+    w, b = torch.ones(C), torch.zeros(C)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    nbn = torch.ops.aten.native_batch_norm
+    saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
+    return {
+        "forward": lambda: nbn(tx, w, b, rm, rv, True, 0.1, 1e-5),
+        "inference": lambda: nbn(tx, w, b, rm, rv, False, 0.1, 1e-5),
+        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, w, rm, rv, saved[1], saved[2], True, 1e-5, [True, True, True]),
+    }
+
+
+def _compile_case(torch, x, dy, axis, C):
+    """The same aten calls through torch.compile (Inductor's generated C++); the
+    first call, which compiles, is the warm-up that _median discards."""
+    case = _torch_case(torch, x, dy, axis, C)
+    tx, tdy = case.pop("_tensors")
+    w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
+    rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
+    nbn = torch.ops.aten.native_batch_norm
+    saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
+    fwd = torch.compile(lambda x_, w_, b_, rm_, rv_: nbn(x_, w_, b_, rm_, rv_, True, 0.1,
+                                                         1e-5))
+    inf = torch.compile(lambda x_, w_, b_, rm_, rv_: nbn(x_, w_, b_, rm_, rv_, False, 0.1,
+                                                         1e-5))
+    bwd = torch.compile(lambda dy_, x_, w_, m_, s_: torch.ops.aten.native_batch_norm_backward(
+        dy_, x_, w_, None, None, m_, s_, True, 1e-5, [True, True, True]))
+    return {
+        "forward": lambda: fwd(tx, w, b, rm, rv),
+        "inference": lambda: inf(tx, w, b, rm, rv),
+        "backward": lambda: bwd(tdy, tx, w, saved[1], saved[2]),
+    }
+
+
+PEERS = {"mkldnn": _mkldnn_case, "compile": _compile_case}
+
+
+def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=True,
+        peers=(), bandwidth_bytes=256 << 20):
     try:
         import torch
     except ImportError:
@@ -101,7 +145,7 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
     total = len(threads) * len(shapes) * len(dtypes)
     done = 0
     for nt in threads:
-        bws[nt] = measure_bandwidth(nt)
+        bws[nt] = measure_bandwidth(nt, bandwidth_bytes)
         if torch is not None:
             torch.set_num_threads(nt)
         for name, shape, axis in shapes:
@@ -131,18 +175,24 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                     "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis),
                 }
                 peer = _torch_case(torch, x, dy, axis, C) if torch is not None else {}
+                peer.pop("_tensors", None)
+                extra = {name: PEERS[name](torch, x, dy, axis, C) if torch is not None else {}
+                         for name in peers}
                 for op in OPS:
                     t = _median(ours[op], repeats, budget)
                     tt = _median(peer[op], repeats, budget) if op in peer else None
                     tr = (_median(ref[op], max(3, repeats // 3), budget)
                           if with_reference else None)
                     tb = bound_seconds(op, x.nbytes, bws[nt])
-                    rows.append({
+                    row = {
                         "case": name, "shape": list(shape), "axis": axis,
                         "dtype": np.dtype(dtype).name, "op": op, "threads": nt,
                         "bncy_s": t, "torch_s": tt, "reference_s": tr,
                         "bound_s": tb, "mbytes": x.nbytes / 1e6,
-                    })
+                    }
+                    for pname, fs in extra.items():
+                        row[f"{pname}_s"] = _median(fs[op], repeats, budget) if op in fs else None
+                    rows.append(row)
     if progress:
         print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
     return rows, bws
@@ -154,12 +204,13 @@ def _fmt_time(t):
     return f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
 
 
-def table(rows, bws) -> str:
+def table(rows, bws, peers=()) -> str:
     out = []
     for nt, bw in bws.items():
         out.append(f"threads={nt}: read {bw['read']:.1f} GB/s, read+write {bw['copy']:.1f} GB/s")
     head = (f"{'case':24s} {'dtype':8s} {'op':10s} {'thr':>3s} {'bncy':>10s} {'torch':>10s} "
-            f"{'reference':>10s} {'vs torch':>9s} {'vs ref':>8s} {'of bound':>9s}")
+            f"{'reference':>10s} {'vs torch':>9s} {'vs ref':>8s} {'of bound':>9s}"
+            + "".join(f" {'torch ' + p:>14s} {'vs it':>6s}" for p in peers))
     out += [head, "-" * len(head)]
     for r in rows:
         vt = f"{r['torch_s'] / r['bncy_s']:.2f}x" if r["torch_s"] else "-"
@@ -167,7 +218,10 @@ def table(rows, bws) -> str:
         frac = f"{100 * r['bound_s'] / r['bncy_s']:.0f}%"
         out.append(f"{r['case']:24s} {r['dtype']:8s} {r['op']:10s} {r['threads']:3d} "
                    f"{_fmt_time(r['bncy_s']):>10s} {_fmt_time(r['torch_s']):>10s} "
-                   f"{_fmt_time(r['reference_s']):>10s} {vt:>9s} {vr:>8s} {frac:>9s}")
+                   f"{_fmt_time(r['reference_s']):>10s} {vt:>9s} {vr:>8s} {frac:>9s}"
+                   + "".join(f" {_fmt_time(r[p + '_s']):>14s} "
+                             + (f"{r[p + '_s'] / r['bncy_s']:5.2f}x" if r[p + '_s'] else "     -")
+                             for p in peers))
     return "\n".join(out)
 
 
@@ -206,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--budget", type=float, default=1.5, help="seconds per timing at most")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--peers", default="", metavar="mkldnn,compile",
+                   help="further torch peers: 'mkldnn' (oneDNN on x.to_mkldnn(), float32 "
+                        "NCHW only) and 'compile' (the aten calls through torch.compile)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
@@ -214,11 +271,15 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 5 if args.quick else args.repeats
     budget = 0.3 if args.quick else args.budget
+    peers = [q for q in args.peers.split(",") if q]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        p.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     rows, bws = run(threads, shapes, dtypes, repeats, budget,
-                    with_reference=not args.no_reference)
+                    with_reference=not args.no_reference, peers=peers)
     print(f"bncy {bncy.__version__}, OpenMP {bncy.openmp_enabled()}, "
           f"{platform.machine()}, {platform.python_version()}")
-    print(table(rows, bws))
+    print(table(rows, bws, peers))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine()},

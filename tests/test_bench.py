@@ -1,0 +1,48 @@
+"""``python -m bncy.bench``: the instrument runs, reports every case and refuses
+unknown options. (Speed itself is measured by the command, never asserted here.)"""
+
+import numpy as np
+import pytest
+
+from bncy import bench
+
+SMALL = [("(64, 8)", (64, 8), 1), ("NCHW (4, 3, 6, 6)", (4, 3, 6, 6), 1)]
+
+
+def test_run_reports_every_case_and_a_table():
+    rows, bws = bench.run([1], SMALL, [np.dtype(np.float32)], repeats=3, budget=0.05,
+                          progress=False, bandwidth_bytes=4 << 20)
+    assert [(r["case"], r["op"]) for r in rows] == [
+        (name, op) for name, _, _ in SMALL for op in bench.OPS]
+    assert set(bws) == {1} and bws[1]["read"] > 0 and bws[1]["copy"] > 0
+    for r in rows:
+        assert r["bncy_s"] > 0 and r["bound_s"] > 0 and r["reference_s"] > 0
+        assert r["torch_s"] is None or r["torch_s"] > 0
+    text = bench.table(rows, bws)
+    assert all(op in text for op in bench.OPS) and "of bound" in text
+
+
+def test_bound_counts_the_passes():
+    bw = {"read": 10.0, "copy": 10.0}  # GB/s
+    big = 1 << 30  # no cache reuse
+    assert bench.bound_seconds("inference", big, bw) == pytest.approx(2 * big / 1e10)
+    assert bench.bound_seconds("forward", big, bw) == pytest.approx(3 * big / 1e10)
+    assert bench.bound_seconds("backward", big, bw) == pytest.approx(5 * big / 1e10)
+    small = 1 << 20  # re-reads hit the cache
+    assert bench.bound_seconds("forward", small, bw) == pytest.approx(2 * small / 1e10)
+
+
+def test_unknown_peer_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--peers", "mkldnn,bogus"])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_mkldnn_peer_runs_on_float32_nchw_only():
+    pytest.importorskip("torch")
+    rows, _ = bench.run([1], SMALL, [np.dtype(np.float32), np.dtype(np.float64)],
+                        repeats=3, budget=0.05, with_reference=False, progress=False,
+                        peers=["mkldnn"], bandwidth_bytes=4 << 20)
+    for r in rows:
+        expected = r["dtype"] == "float32" and r["case"].startswith("NCHW")
+        assert (r["mkldnn_s"] is not None) == expected, r
