@@ -71,63 +71,46 @@ def bound_seconds(op: str, nbytes: int, bw: dict) -> float:
     return 3 * nbytes / W + (0 if cached else 2 * nbytes / R)
 
 
-def _torch_case(torch, x, dy, axis, C):
+def _torch_tensors(torch, x, dy, axis):
     if axis == -1:   # the NCHW view of NHWC memory: torch's channels_last
-        tx = torch.from_numpy(x).permute(0, 3, 1, 2)
-        tdy = torch.from_numpy(dy).permute(0, 3, 1, 2)
-    else:
-        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
-    w = torch.ones(C, dtype=tx.dtype)
-    b = torch.zeros(C, dtype=tx.dtype)
+        return (torch.from_numpy(x).permute(0, 3, 1, 2),
+                torch.from_numpy(dy).permute(0, 3, 1, 2))
+    return torch.from_numpy(x), torch.from_numpy(dy)
+
+
+def _aten_case(torch, tx, tdy, C, wrap=lambda f: f):
+    """torch's native_batch_norm (training, inference) and its backward on tx, tdy;
+    ``wrap`` (torch.compile, say) is applied to each of the three calls."""
+    w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
     rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
-    nbn = torch.ops.aten.native_batch_norm
+    nbn, nbn_bwd = torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm_backward
     saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
+    fwd = wrap(lambda x_, train: nbn(x_, w, b, rm, rv, train, 0.1, 1e-5))
+    bwd = wrap(lambda dy_, x_: nbn_bwd(dy_, x_, w, rm, rv, saved[1], saved[2], True, 1e-5,
+                                       [True, True, True]))
     return {
-        "forward": lambda: nbn(tx, w, b, rm, rv, True, 0.1, 1e-5),
-        "inference": lambda: nbn(tx, w, b, rm, rv, False, 0.1, 1e-5),
-        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, w, rm, rv, saved[1], saved[2], True, 1e-5, [True, True, True]),
-        "_tensors": (tx, tdy),
+        "forward": lambda: fwd(tx, True),
+        "inference": lambda: fwd(tx, False),
+        "backward": lambda: bwd(tdy, tx),
     }
+
+
+def _torch_case(torch, x, dy, axis, C):
+    return _aten_case(torch, *_torch_tensors(torch, x, dy, axis), C)
 
 
 def _mkldnn_case(torch, x, dy, axis, C):
     """PyTorch's oneDNN kernels on x.to_mkldnn(): float32 NCHW only, else {}."""
     if x.dtype != np.float32 or x.ndim != 4 or axis != 1:
         return {}
-    tx, tdy = torch.from_numpy(x).to_mkldnn(), torch.from_numpy(dy).to_mkldnn()
-    w, b = torch.ones(C), torch.zeros(C)
-    rm, rv = torch.zeros(C), torch.ones(C)
-    nbn = torch.ops.aten.native_batch_norm
-    saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
-    return {
-        "forward": lambda: nbn(tx, w, b, rm, rv, True, 0.1, 1e-5),
-        "inference": lambda: nbn(tx, w, b, rm, rv, False, 0.1, 1e-5),
-        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, w, rm, rv, saved[1], saved[2], True, 1e-5, [True, True, True]),
-    }
+    return _aten_case(torch, torch.from_numpy(x).to_mkldnn(),
+                      torch.from_numpy(dy).to_mkldnn(), C)
 
 
 def _compile_case(torch, x, dy, axis, C):
     """The same aten calls through torch.compile (Inductor's generated C++); the
     first call, which compiles, is the warm-up that _median discards."""
-    case = _torch_case(torch, x, dy, axis, C)
-    tx, tdy = case.pop("_tensors")
-    w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
-    rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
-    nbn = torch.ops.aten.native_batch_norm
-    saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
-    fwd = torch.compile(lambda x_, w_, b_, rm_, rv_: nbn(x_, w_, b_, rm_, rv_, True, 0.1,
-                                                         1e-5))
-    inf = torch.compile(lambda x_, w_, b_, rm_, rv_: nbn(x_, w_, b_, rm_, rv_, False, 0.1,
-                                                         1e-5))
-    bwd = torch.compile(lambda dy_, x_, w_, m_, s_: torch.ops.aten.native_batch_norm_backward(
-        dy_, x_, w_, None, None, m_, s_, True, 1e-5, [True, True, True]))
-    return {
-        "forward": lambda: fwd(tx, w, b, rm, rv),
-        "inference": lambda: inf(tx, w, b, rm, rv),
-        "backward": lambda: bwd(tdy, tx, w, saved[1], saved[2]),
-    }
+    return _aten_case(torch, *_torch_tensors(torch, x, dy, axis), C, wrap=torch.compile)
 
 
 PEERS = {"mkldnn": _mkldnn_case, "compile": _compile_case}
@@ -175,7 +158,6 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                     "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis),
                 }
                 peer = _torch_case(torch, x, dy, axis, C) if torch is not None else {}
-                peer.pop("_tensors", None)
                 extra = {name: PEERS[name](torch, x, dy, axis, C) if torch is not None else {}
                          for name in peers}
                 for op in OPS:
