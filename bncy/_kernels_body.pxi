@@ -21,7 +21,9 @@
 #   float64 accumulator per column, so it vectorises without reassociating any
 #   sum. Block statistics take one pass, shifted by the block's first row.
 #   Per-channel vectors are expanded to K columns; the S columns of a channel are
-#   merged at the end, in column order.
+#   merged at the end, in column order. The elementwise passes take whole rows
+#   while the per-column coefficients fit in L1, and groups of 4 rows through
+#   chunks of CHUNK columns beyond (see _rows_affine_block).
 # * planes (S >= ROWS_MAX_RUN): each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   8 interleaved float64 accumulators in a fixed pattern, added pairwise.
@@ -60,6 +62,8 @@ cdef enum:
     COL_TILE = 256       # columns of a block in the rows schedule (and of a merge tile)
     SEG = 4096           # values of a block in the planes schedule
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
+    CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
+    COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
     NACC = 8             # interleaved accumulators along a contiguous run
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "SEG": SEG,
@@ -634,11 +638,41 @@ cdef inline void _rows_affine_block(const floating* x, const double* ce, const d
                                     Py_ssize_t TW, Py_ssize_t b,
                                     floating* y_out) noexcept nogil:
     # Block b: row block b // nkt, columns [k0, k1) of tile b % nkt (TW wide).
-    cdef Py_ssize_t nkt = _cdiv(K, TW), br = b // nkt, r, k
+    # Rows whole, columns innermost, while the three coefficient vectors fit in
+    # L1. Wider rows would read them from L2 for every row (24 bytes per value):
+    # there, groups of 4 rows go through chunks of CHUNK columns whose
+    # coefficients are first copied to the stack, a quarter of the reads. The
+    # same operations per value either way.
+    cdef Py_ssize_t nkt = _cdiv(K, TW), br = b // nkt, r, k, q, m, i, j
     cdef Py_ssize_t k0 = (b % nkt) * TW, k1 = _imin(K, k0 + TW)
+    cdef Py_ssize_t r0 = br * ROW_BLOCK, r1 = _imin(N, r0 + ROW_BLOCK), rq = r0
+    cdef Py_ssize_t kc = k0 + (k1 - k0) // CHUNK * CHUNK
+    cdef double e[CHUNK]
+    cdef double s[CHUNK]
+    cdef double h[CHUNK]
     cdef const floating* xr
     cdef floating* yr
-    for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+    if 3 * 8 * (k1 - k0) > COEF_L1:
+        rq = r0 + (r1 - r0) // 4 * 4
+        for q in range((rq - r0) // 4):
+            r = r0 + 4 * q
+            for m in range((kc - k0) // CHUNK):
+                k = k0 + m * CHUNK
+                for j in range(CHUNK):
+                    e[j] = ce[k + j]
+                    s[j] = sc[k + j]
+                    h[j] = sh[k + j]
+                for i in range(4):
+                    xr = x + (r + i) * K + k
+                    yr = y_out + (r + i) * K + k
+                    for j in range(CHUNK):
+                        yr[j] = <floating> ((xr[j] - e[j]) * s[j] + h[j])
+            for i in range(4):
+                xr = x + (r + i) * K
+                yr = y_out + (r + i) * K
+                for k in range(kc, k1):
+                    yr[k] = <floating> ((xr[k] - ce[k]) * sc[k] + sh[k])
+    for r in range(rq, r1):
         xr = x + r * K
         yr = y_out + r * K
         for k in range(k0, k1):
@@ -732,13 +766,47 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
                                         const double* ck, Py_ssize_t N, Py_ssize_t K,
                                         Py_ssize_t TW, Py_ssize_t blk,
                                         floating* dx_out) noexcept nogil:
-    # Block blk as in _rows_affine_block.
-    cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k
+    # Block blk as in _rows_affine_block, wide rows in chunks likewise (five
+    # coefficient vectors here).
+    cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
+    cdef Py_ssize_t r0 = br * ROW_BLOCK, r1 = _imin(N, r0 + ROW_BLOCK), rq = r0
+    cdef Py_ssize_t kc = q0 + (q1 - q0) // CHUNK * CHUNK
+    cdef double e[CHUNK]
+    cdef double s[CHUNK]
+    cdef double fa[CHUNK]
+    cdef double fb[CHUNK]
+    cdef double fk[CHUNK]
     cdef const floating* dr
     cdef const floating* xr
     cdef floating* outr
-    for r in range(br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK)):
+    if 5 * 8 * (q1 - q0) > COEF_L1:
+        rq = r0 + (r1 - r0) // 4 * 4
+        for q in range((rq - r0) // 4):
+            r = r0 + 4 * q
+            for m in range((kc - q0) // CHUNK):
+                k = q0 + m * CHUNK
+                for j in range(CHUNK):
+                    e[j] = ce[k + j]
+                    s[j] = cs[k + j]
+                    fa[j] = ca[k + j]
+                    fb[j] = cb[k + j]
+                    fk[j] = ck[k + j]
+                for i in range(4):
+                    dr = dy + (r + i) * K + k
+                    xr = x + (r + i) * K + k
+                    outr = dx_out + (r + i) * K + k
+                    for j in range(CHUNK):
+                        outr[j] = <floating> (dr[j] * fa[j] + ((xr[j] - e[j]) * s[j]) * fb[j]
+                                              + fk[j])
+            for i in range(4):
+                dr = dy + (r + i) * K
+                xr = x + (r + i) * K
+                outr = dx_out + (r + i) * K
+                for k in range(kc, q1):
+                    outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k]
+                                          + ck[k])
+    for r in range(rq, r1):
         dr = dy + r * K
         xr = x + r * K
         outr = dx_out + r * K

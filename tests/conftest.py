@@ -15,7 +15,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 DTYPES = [np.float32, np.float64]
 
 # (shape, axis): every schedule and edge of the blocking (see bncy/_kernels.pyx):
-# rows (S < 32) with row blocks of 64 and column tiles of 256, planes (S >= 32)
+# rows (S < 32) with row blocks of 256 and column tiles of 256, planes (S >= 32)
 # with segments of 4096, the smallest legal sizes, 3-D and 5-D, every axis form.
 CASES = [
     ((2, 1), 1),            # M=2, C=1: the smallest training input
@@ -23,6 +23,8 @@ CASES = [
     ((7, 1), -1),
     ((64, 256), 1),         # exactly one block
     ((130, 513), 1),        # row blocks and column tiles with remainders
+    ((270, 1301), 1),       # wide rows: elementwise passes in chunks of 4 rows x 8
+                            # columns, with row and column remainders
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
     ((3, 5, 6, 7), 1),      # NCHW, S=42 (planes schedule, one segment)

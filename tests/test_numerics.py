@@ -13,6 +13,8 @@ from conftest import DTYPES, make
 DET_CASES = [
     ((1000, 37), 1),         # rows, many row blocks
     ((70, 600), 1),          # rows, several column tiles (elementwise too, from 2 threads)
+    ((70, 1301), 1),         # wide rows: chunked elementwise passes on 1 thread, plain
+                             # column tiles from 2
     ((300, 7, 5), 1),        # rows with S=5
     ((6, 5, 33, 33), 1),     # planes
     ((2, 3, 9000), 1),       # planes, several segments per run
