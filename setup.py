@@ -7,9 +7,11 @@ every build rounding the same way whether or not the target has FMA.
 No ``-march=native`` and no ``-ffast-math``: wheels must run on any x86-64 and
 NaN/inf must propagate.
 
-On x86-64 the same kernels are compiled a second time with ``-mavx2``
-(``bncy._kernels_avx2``); ``bncy._api`` imports it when the CPU has AVX2. Both
-perform the same IEEE operations in the same order, so results are identical.
+On x86-64 the same kernels are compiled twice more: with ``-mavx2``
+(``bncy._kernels_avx2``) and for AVX-512 with 512-bit vectors
+(``bncy._kernels_avx512``); ``bncy._api`` uses them when the CPU has the
+instructions. All perform the same IEEE operations in the same order, so results
+are identical.
 
 ``BNCY_DEBUG=1`` builds with bounds checks, wraparound, initialisation checks,
 C assertions on every block's bounds (``bncy_assert`` in the kernels) and
@@ -22,6 +24,7 @@ import tempfile
 import textwrap
 import warnings
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -90,15 +93,24 @@ class BuildExt(build_ext):
             isa = []
             if ext.name.endswith("_avx2"):
                 isa = ["/arch:AVX2"] if cc.compiler_type == "msvc" else ["-mavx2"]
+            elif ext.name.endswith("_avx512"):
+                isa = (["/arch:AVX512"] if cc.compiler_type == "msvc" else
+                       ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq",
+                        "-mavx512vl", "-mprefer-vector-width=512"])
             ext.extra_compile_args = opt + isa + omp_c
             ext.extra_link_args = omp_l
         super().build_extensions()
 
 
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-extensions = [Extension("bncy._kernels", ["bncy/_kernels.pyx"])]
+# the fast paths (bncy/_kernels_body.pxi) use NumPy's C API
+NUMPY = {"include_dirs": [numpy.get_include()],
+         "define_macros": [("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION"),
+                           ("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION")]}
+extensions = [Extension("bncy._kernels", ["bncy/_kernels.pyx"], **NUMPY)]
 if X86_64 and os.environ.get("BNCY_NO_AVX2", "0") in ("", "0"):
-    extensions.append(Extension("bncy._kernels_avx2", ["bncy/_kernels_avx2.pyx"]))
+    extensions += [Extension("bncy._kernels_avx2", ["bncy/_kernels_avx2.pyx"], **NUMPY),
+                   Extension("bncy._kernels_avx512", ["bncy/_kernels_avx512.pyx"], **NUMPY)]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,

@@ -1,6 +1,7 @@
-# The kernels of bncy, compiled twice: bncy/_kernels.pyx (baseline ISA) and
-# bncy/_kernels_avx2.pyx (-mavx2 on x86-64, chosen at import when the CPU has it).
-# Both run the same IEEE operations in the same order (no FMA contraction:
+# The kernels of bncy, compiled three times: bncy/_kernels.pyx (baseline ISA),
+# bncy/_kernels_avx2.pyx (-mavx2) and bncy/_kernels_avx512.pyx (AVX-512 with
+# 512-bit vectors) on x86-64; bncy._api picks per call among those the CPU runs.
+# All run the same IEEE operations in the same order (no FMA contraction:
 # -ffp-contract=off), so their results are bitwise identical; only the vector
 # width differs.
 #
@@ -26,7 +27,7 @@
 #   chunks of CHUNK columns beyond (see _rows_affine_block).
 # * planes (S >= ROWS_MAX_RUN): each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
-#   8 interleaved float64 accumulators in a fixed pattern, added pairwise.
+#   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
 #
 # Precision. Statistics accumulate in float64 whatever the input dtype, and never
 # as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the
@@ -64,7 +65,7 @@ cdef enum:
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
-    NACC = 8             # interleaved accumulators along a contiguous run
+    NACC = 16            # interleaved accumulators along a contiguous run
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN}
@@ -77,17 +78,28 @@ cdef extern from *:
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2");
     }
+    /* libgcc also checks that the OS saves the zmm registers (XGETBV) */
+    static int bncy_cpu_has_avx512(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512vl");
+    }
     #else
     static int bncy_cpu_has_avx2(void) { return 0; }
+    static int bncy_cpu_has_avx512(void) { return 0; }
     #endif
-    #ifdef __AVX2__
-    #define BNCY_BUILT_FOR_AVX2 1
+    #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+    #define BNCY_BUILT_FOR "avx512"
+    #elif defined(__AVX2__)
+    #define BNCY_BUILT_FOR "avx2"
     #else
-    #define BNCY_BUILT_FOR_AVX2 0
+    #define BNCY_BUILT_FOR "baseline"
     #endif
     """
     int bncy_cpu_has_avx2() noexcept nogil
-    bint BNCY_BUILT_FOR_AVX2
+    int bncy_cpu_has_avx512() noexcept nogil
+    const char* BNCY_BUILT_FOR
 
 
 def cpu_has_avx2():
@@ -95,9 +107,15 @@ def cpu_has_avx2():
     return bool(bncy_cpu_has_avx2())
 
 
+def cpu_has_avx512():
+    """True when this CPU (and OS) supports AVX-512 F, CD, BW, DQ and VL."""
+    return bool(bncy_cpu_has_avx512())
+
+
 def isa():
-    """The instruction set this module was compiled for: 'avx2' or 'baseline'."""
-    return "avx2" if BNCY_BUILT_FOR_AVX2 else "baseline"
+    """The instruction set this module was compiled for: 'avx512', 'avx2' or
+    'baseline'."""
+    return BNCY_BUILT_FOR.decode()
 
 
 def openmp_enabled():
@@ -255,6 +273,17 @@ cdef inline void _block_col_grad_sums(
         sdyx_out[k0 + k] = s2[k]
 
 
+cdef inline double _pairwise(double* acc) noexcept nogil:
+    # acc[0] + ... + acc[NACC - 1] in a fixed tree: acc[j] += acc[j + h] for
+    # h = NACC / 2, NACC / 4, ..., 1.
+    cdef Py_ssize_t h = NACC // 2, j
+    while h >= 1:
+        for j in range(h):
+            acc[j] = acc[j] + acc[j + h]
+        h = h // 2
+    return acc[0]
+
+
 cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
     # Sum of p[0:L]: value i goes to accumulator i % NACC (i < L - L % NACC),
     # the tail to accumulators 0, 1, ...; then a fixed pairwise combination.
@@ -268,8 +297,7 @@ cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
             acc[j] += p[i * NACC + j]
     for i in range(Lv, L):
         acc[i - Lv] += p[i]
-    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
-            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+    return _pairwise(acc)
 
 
 cdef inline double _run_sqdev(const floating* p, Py_ssize_t L, double c) noexcept nogil:
@@ -286,8 +314,7 @@ cdef inline double _run_sqdev(const floating* p, Py_ssize_t L, double c) noexcep
     for i in range(Lv, L):
         d = p[i] - c
         acc[i - Lv] += d * d
-    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
-            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+    return _pairwise(acc)
 
 
 cdef inline double _run_centered_dot(const floating* dy, const floating* x, Py_ssize_t L,
@@ -302,8 +329,7 @@ cdef inline double _run_centered_dot(const floating* dy, const floating* x, Py_s
             acc[j] += dy[i * NACC + j] * (x[i * NACC + j] - c)
     for i in range(Lv, L):
         acc[i - Lv] += dy[i] * (x[i] - c)
-    return (((acc[0] + acc[1]) + (acc[2] + acc[3]))
-            + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+    return _pairwise(acc)
 
 
 # ---------------------------------------------------------------------------
@@ -954,6 +980,31 @@ def train_coefficients(const double[::1] mean,   # IN (C,) batch mean
     return suspicious
 
 
+cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       const double* gamma, const double* shift, double eps,
+                       floating* y_out, double* mean_out, double* m2_out, double* var_out,
+                       double* invstd_out, double* scale_out, int n_threads,
+                       int* suspicious) noexcept nogil:
+    # moments, coefficients, affine. gamma may be NULL (ones). Sets *suspicious to
+    # train_coefficients' count; when it is not 0, y_out is left unwritten.
+    # Returns 0, or -1 when a work buffer could not be allocated.
+    cdef int rc
+    suspicious[0] = 0
+    if S < ROWS_MAX_RUN:
+        rc = _moments_rows(x, N, C, S, mean_out, m2_out, n_threads)
+    else:
+        rc = _moments_planes(x, N, C, S, mean_out, m2_out, n_threads)
+    if rc != 0:
+        return rc
+    suspicious[0] = _train_coefficients(mean_out, m2_out, C, <double> (N * S), eps, gamma,
+                                        var_out, invstd_out, scale_out)
+    if suspicious[0] != 0:
+        return 0
+    if S < ROWS_MAX_RUN:
+        return _affine_rows(x, mean_out, scale_out, shift, N, C, S, y_out, n_threads)
+    return _affine_planes(x, mean_out, scale_out, shift, N, C, S, y_out, n_threads)
+
+
 def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
                   const double[::1] gamma,       # IN (C,) or None (ones)
                   const double[::1] beta,        # IN (C,) or None (zeros)
@@ -965,9 +1016,9 @@ def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
                   double[::1] invstd_out,        # OUT (C,)
                   double[::1] scale_out,         # OUT (C,) gamma * invstd
                   int n_threads):
-    """moments, train_coefficients and affine in one call (bncy.forward's fast path:
-    one fused-type dispatch instead of three). Returns train_coefficients' count;
-    when it is not 0, y_out is left unwritten for the caller to rescue and finish."""
+    """moments, train_coefficients and affine in one call (one fused-type dispatch
+    instead of three). Returns train_coefficients' count; when it is not 0, y_out
+    is left unwritten for the caller to rescue and finish."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
     cdef int rc, suspicious = 0
     cdef double* shift = <double*> malloc(C * sizeof(double))
@@ -976,21 +1027,10 @@ def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
     with nogil:
         for c in range(C):
             shift[c] = beta[c] if beta is not None else 0.0
-        if S < ROWS_MAX_RUN:
-            rc = _moments_rows(&x[0, 0, 0], N, C, S, &mean_out[0], &m2_out[0], n_threads)
-        else:
-            rc = _moments_planes(&x[0, 0, 0], N, C, S, &mean_out[0], &m2_out[0], n_threads)
-        if rc == 0:
-            suspicious = _train_coefficients(&mean_out[0], &m2_out[0], C, <double> (N * S),
-                                             eps, &gamma[0] if gamma is not None else NULL,
-                                             &var_out[0], &invstd_out[0], &scale_out[0])
-        if rc == 0 and suspicious == 0:
-            if S < ROWS_MAX_RUN:
-                rc = _affine_rows(&x[0, 0, 0], &mean_out[0], &scale_out[0], shift, N, C, S,
-                                  &y_out[0, 0, 0], n_threads)
-            else:
-                rc = _affine_planes(&x[0, 0, 0], &mean_out[0], &scale_out[0], shift, N, C,
-                                    S, &y_out[0, 0, 0], n_threads)
+        rc = _forward_core(&x[0, 0, 0], N, C, S, &gamma[0] if gamma is not None else NULL,
+                           shift, eps, &y_out[0, 0, 0], &mean_out[0], &m2_out[0],
+                           &var_out[0], &invstd_out[0], &scale_out[0], n_threads,
+                           &suspicious)
     free(shift)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the partial statistics")
@@ -1032,6 +1072,28 @@ def backward_coefficients(const double[::1] sdy,     # IN (C,) sum of dy
                                count, &a_out[0], &b_out[0], &k_out[0], &dgamma_out[0])
 
 
+cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_ssize_t C,
+                        Py_ssize_t S, const double* mean, const double* invstd,
+                        const double* gamma, floating* dx_out, double* sdy_out,
+                        double* dgamma_out, double* work, int n_threads) noexcept nogil:
+    # grad_sums, backward_coefficients, grad_input; gamma may be NULL (ones), work
+    # holds 4 * C doubles. Returns 0, or -1 when a work buffer could not be allocated.
+    cdef int rc
+    if S < ROWS_MAX_RUN:
+        rc = _grad_sums_rows(dy, x, mean, N, C, S, sdy_out, work, n_threads)
+    else:
+        rc = _grad_sums_planes(dy, x, mean, N, C, S, sdy_out, work, n_threads)
+    if rc != 0:
+        return rc
+    _backward_coefficients(sdy_out, work, invstd, gamma, C, <double> (N * S), work + C,
+                           work + 2 * C, work + 3 * C, dgamma_out)
+    if S < ROWS_MAX_RUN:
+        return _grad_input_rows(dy, x, mean, invstd, work + C, work + 2 * C, work + 3 * C,
+                                N, C, S, dx_out, n_threads)
+    return _grad_input_planes(dy, x, mean, invstd, work + C, work + 2 * C, work + 3 * C,
+                              N, C, S, dx_out, n_threads)
+
+
 def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
                    const floating[:, :, ::1] x,    # IN (N, C, S)
                    const double[::1] mean,         # IN (C,)
@@ -1041,36 +1103,38 @@ def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
                    double[::1] sdy_out,            # OUT (C,) sum of dy (= dbeta)
                    double[::1] dgamma_out,         # OUT (C,)
                    int n_threads):
-    """grad_sums, backward_coefficients and grad_input in one call (bncy.backward's
-    fast path: one fused-type dispatch instead of three)."""
+    """grad_sums, backward_coefficients and grad_input in one call (one fused-type
+    dispatch instead of three)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef int rc
     cdef double* work = <double*> malloc(4 * C * sizeof(double))
     if work == NULL:
         raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
-        if S < ROWS_MAX_RUN:
-            rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], N, C, S, &sdy_out[0],
-                                 work, n_threads)
-        else:
-            rc = _grad_sums_planes(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], N, C, S,
-                                   &sdy_out[0], work, n_threads)
-        if rc == 0:
-            _backward_coefficients(&sdy_out[0], work, &invstd[0],
-                                   &gamma[0] if gamma is not None else NULL, C,
-                                   <double> (N * S), work + C, work + 2 * C, work + 3 * C,
-                                   &dgamma_out[0])
-            if S < ROWS_MAX_RUN:
-                rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], &invstd[0],
-                                      work + C, work + 2 * C, work + 3 * C, N, C, S,
-                                      &dx_out[0, 0, 0], n_threads)
-            else:
-                rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &mean[0], &invstd[0],
-                                        work + C, work + 2 * C, work + 3 * C, N, C, S,
-                                        &dx_out[0, 0, 0], n_threads)
+        rc = _backward_core(&dy[0, 0, 0], &x[0, 0, 0], N, C, S, &mean[0], &invstd[0],
+                            &gamma[0] if gamma is not None else NULL, &dx_out[0, 0, 0],
+                            &sdy_out[0], &dgamma_out[0], work, n_threads)
     free(work)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the partial sums")
+
+
+cdef int _inference_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         const double* running_mean, const double* running_var,
+                         const double* gamma, const double* beta, double eps,
+                         floating* y_out, double* work, int n_threads) noexcept nogil:
+    # scale = gamma / sqrt(running_var + eps), then the affine pass; gamma and beta
+    # may be NULL (ones, zeros), work holds 2 * C doubles. Returns 0, or -1 when a
+    # work buffer could not be allocated.
+    cdef Py_ssize_t c
+    for c in range(C):
+        work[c] = 1.0 / sqrt(running_var[c] + eps)
+        if gamma != NULL:
+            work[c] = work[c] * gamma[c]
+        work[C + c] = beta[c] if beta != NULL else 0.0
+    if S < ROWS_MAX_RUN:
+        return _affine_rows(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
+    return _affine_planes(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
 
 
 def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
@@ -1082,23 +1146,16 @@ def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
                     int n_threads):
     """y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta: the scale and
     the affine pass in one call (bncy.inference)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef int rc
     cdef double* work = <double*> malloc(2 * C * sizeof(double))
     if work == NULL:
         raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
-        for c in range(C):
-            work[c] = 1.0 / sqrt(running_var[c] + eps)
-            if gamma is not None:
-                work[c] = work[c] * gamma[c]
-            work[C + c] = beta[c] if beta is not None else 0.0
-        if S < ROWS_MAX_RUN:
-            rc = _affine_rows(&x[0, 0, 0], &running_mean[0], work, work + C, N, C, S,
-                              &y_out[0, 0, 0], n_threads)
-        else:
-            rc = _affine_planes(&x[0, 0, 0], &running_mean[0], work, work + C, N, C, S,
-                                &y_out[0, 0, 0], n_threads)
+        rc = _inference_core(&x[0, 0, 0], N, C, S, &running_mean[0], &running_var[0],
+                             &gamma[0] if gamma is not None else NULL,
+                             &beta[0] if beta is not None else NULL, eps,
+                             &y_out[0, 0, 0], work, n_threads)
     free(work)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the per-column coefficients")
@@ -1141,3 +1198,326 @@ def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any s
     with nogil:
         for c in range(r.shape[0]):
             r[c] = <stat_t> ((1.0 - momentum) * r[c] + momentum * (factor * v[c]))
+
+
+# ---------------------------------------------------------------------------
+# Fast paths: bncy.forward, inference and backward for the plain call, checked in C
+# ---------------------------------------------------------------------------
+# A small call spent more time in bncy._api's Python checks and allocations
+# (4-5 us) than in the kernels. These take the public arguments as given and run
+# only when each one is the plain case: exact ndarrays of native float32/float64,
+# C-contiguous and aligned; vectors of shape (C,); a float eps >= 0 and a float
+# momentum in [0, 1]; running statistics both given and writeable, or neither;
+# n_threads None or an int >= 1; enough values per channel. For anything else
+# they return None before allocating or writing anything, and bncy._api takes its
+# general path, which raises the error or normalises the layout. Both paths run
+# the same cores (_forward_core, _backward_core), so they return the same bits.
+
+cimport numpy as cnp
+from libc.math cimport isfinite
+from libc.string cimport memcpy, memset
+
+cnp.import_array()
+
+cdef enum:
+    MAX_FAST_THREADS = 4096
+
+
+cdef int _plain_type(object a) noexcept:
+    # NPY_FLOAT32 or NPY_FLOAT64 for an exact ndarray of native floats, C-contiguous
+    # and aligned; -1 for anything else.
+    cdef cnp.ndarray arr
+    cdef int t
+    if not cnp.PyArray_CheckExact(a):
+        return -1
+    arr = <cnp.ndarray> a
+    t = cnp.PyArray_TYPE(arr)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return -1
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr)):
+        return -1
+    return t
+
+
+cdef int _plain_vector(object v, Py_ssize_t C) noexcept:
+    # _plain_type of v when it has shape (C,); else -1.
+    cdef int t = _plain_type(v)
+    if t < 0 or cnp.PyArray_NDIM(<cnp.ndarray> v) != 1:
+        return -1
+    if cnp.PyArray_DIMS(<cnp.ndarray> v)[0] != C:
+        return -1
+    return t
+
+
+cdef int _vector_f64(object v, Py_ssize_t C, double* out) noexcept:
+    # out[0:C] = v in float64, for a plain vector of shape (C,); else -1.
+    cdef int t = _plain_vector(v, C)
+    cdef const float* f
+    cdef Py_ssize_t c
+    if t < 0:
+        return -1
+    if t == cnp.NPY_FLOAT64:
+        memcpy(out, cnp.PyArray_DATA(<cnp.ndarray> v), C * sizeof(double))
+    else:
+        f = <const float*> cnp.PyArray_DATA(<cnp.ndarray> v)
+        for c in range(C):
+            out[c] = f[c]
+    return 0
+
+
+cdef int _fast_threads(object n_threads, Py_ssize_t size, Py_ssize_t small_work):
+    # bncy._api._resolve_threads for None or an int in [1, MAX_FAST_THREADS]; 0
+    # for anything else (the general path checks it).
+    cdef int nt
+    if n_threads is None:
+        nt = omp_get_max_threads()
+    elif type(n_threads) is int and 1 <= n_threads <= MAX_FAST_THREADS:
+        nt = n_threads
+    else:
+        return 0
+    return 1 if size < small_work else nt
+
+
+cdef int _fast_ncs(object x, object axis, Py_ssize_t* ncs) noexcept:
+    # (N, C, S) of a plain array of 2 or more dimensions around an int axis.
+    cdef cnp.ndarray arr = <cnp.ndarray> x
+    cdef int nd = cnp.PyArray_NDIM(arr), i
+    cdef long ax
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    if nd < 2 or type(axis) is not int or not -nd <= axis < nd:
+        return -1
+    ax = axis
+    if ax < 0:
+        ax += nd
+    ncs[0] = 1
+    ncs[1] = dims[ax]
+    ncs[2] = 1
+    for i in range(ax):
+        ncs[0] *= dims[i]
+    for i in range(ax + 1, nd):
+        ncs[2] *= dims[i]
+    return 0
+
+
+cdef void _ema(void* r, int t, const double* v, Py_ssize_t C, double momentum,
+               double factor) noexcept nogil:
+    # r = (1 - momentum) * r + momentum * (factor * v): ema_update's operations.
+    cdef Py_ssize_t c
+    cdef float* rf = <float*> r
+    cdef double* rd = <double*> r
+    if t == cnp.NPY_FLOAT32:
+        for c in range(C):
+            rf[c] = <float> ((1.0 - momentum) * rf[c] + momentum * (factor * v[c]))
+    else:
+        for c in range(C):
+            rd[c] = (1.0 - momentum) * rd[c] + momentum * (factor * v[c])
+
+
+def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
+                 n_threads, Py_ssize_t small_work, Py_ssize_t f64_limit):
+    """bncy.forward(x, gamma, beta, eps=eps, axis=axis, running_mean=..., running_var=...,
+    momentum=..., n_threads=...) for a plain call (see Fast paths): (y, mean, invstd);
+    None, with nothing written, for any other call or a float64 x beyond f64_limit
+    bytes."""
+    cdef int t = _plain_type(x), trm = -1, trv = -1, nt, rc, suspicious = 0
+    cdef Py_ssize_t ncs[3]
+    cdef Py_ssize_t N, C, S, size
+    cdef double e, mom = 0.0
+    cdef double* work
+    cdef double* gam = NULL
+    cdef void* prm = NULL
+    cdef void* prv = NULL
+    cdef void* px
+    cdef void* py
+    cdef double* pmean
+    cdef double* pinvstd
+    cdef cnp.ndarray y, mean, invstd
+    if t < 0 or _fast_ncs(x, axis, ncs) < 0:
+        return None
+    N, C, S = ncs[0], ncs[1], ncs[2]
+    size = N * C * S
+    if C < 1 or N * S < 2 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
+        return None
+    if type(eps) is not float:
+        return None
+    e = eps
+    if not (isfinite(e) and e >= 0.0):
+        return None
+    if running_mean is not None or running_var is not None:
+        trm = _plain_vector(running_mean, C)
+        trv = _plain_vector(running_var, C)
+        if (trm < 0 or trv < 0 or type(momentum) is not float
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
+            return None
+        mom = momentum
+        if not 0.0 <= mom <= 1.0:
+            return None
+        prm = cnp.PyArray_DATA(<cnp.ndarray> running_mean)
+        prv = cnp.PyArray_DATA(<cnp.ndarray> running_var)
+    nt = _fast_threads(n_threads, size, small_work)
+    if nt == 0:
+        return None
+    # gamma, shift, m2, var, scale
+    work = <double*> malloc(5 * C * sizeof(double))
+    if work == NULL:
+        return None
+    if gamma is not None:
+        if _vector_f64(gamma, C, work) < 0:
+            free(work)
+            return None
+        gam = work
+    if beta is None:
+        memset(work + C, 0, C * sizeof(double))
+    elif _vector_f64(beta, C, work + C) < 0:
+        free(work)
+        return None
+    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
+                          cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
+    invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
+    px, py = cnp.PyArray_DATA(<cnp.ndarray> x), cnp.PyArray_DATA(y)
+    pmean = <double*> cnp.PyArray_DATA(mean)
+    pinvstd = <double*> cnp.PyArray_DATA(invstd)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            rc = _forward_core(<const float*> px, N, C, S, gam, work + C, e, <float*> py,
+                               pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
+                               nt, &suspicious)
+        else:
+            rc = _forward_core(<const double*> px, N, C, S, gam, work + C, e, <double*> py,
+                               pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
+                               nt, &suspicious)
+        if rc == 0 and suspicious == 0 and prm != NULL:
+            # the unbiased batch variance: m2 / (count - 1)
+            _ema(prm, trm, pmean, C, mom, 1.0)
+            _ema(prv, trv, work + 2 * C, C, mom, 1.0 / <double> (N * S - 1))
+    free(work)
+    if rc != 0 or suspicious != 0:
+        return None   # the general path allocates again (and raises) or rescues
+    return y, mean, invstd
+
+
+def backward_fast(dy, x, mean, invstd, gamma, axis, n_threads, Py_ssize_t small_work,
+                  Py_ssize_t f64_limit):
+    """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, n_threads=...) for a plain
+    call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written, for any
+    other call or a float64 x beyond f64_limit bytes."""
+    cdef int t = _plain_type(x), nt, rc, nd, i
+    cdef Py_ssize_t ncs[3]
+    cdef Py_ssize_t N, C, S, size, c
+    cdef double* work
+    cdef double* gam = NULL
+    cdef void* pdy
+    cdef void* px
+    cdef void* pdx
+    cdef void* pdg
+    cdef void* pdb
+    cdef cnp.ndarray dx, dgamma, dbeta
+    if t < 0 or _plain_type(dy) != t or _fast_ncs(x, axis, ncs) < 0:
+        return None
+    nd = cnp.PyArray_NDIM(<cnp.ndarray> x)
+    if cnp.PyArray_NDIM(<cnp.ndarray> dy) != nd:
+        return None
+    for i in range(nd):
+        if cnp.PyArray_DIMS(<cnp.ndarray> dy)[i] != cnp.PyArray_DIMS(<cnp.ndarray> x)[i]:
+            return None
+    N, C, S = ncs[0], ncs[1], ncs[2]
+    size = N * C * S
+    if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
+        return None
+    nt = _fast_threads(n_threads, size, small_work)
+    if nt == 0:
+        return None
+    # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work
+    work = <double*> malloc(9 * C * sizeof(double))
+    if work == NULL:
+        return None
+    if (_vector_f64(mean, C, work) < 0 or _vector_f64(invstd, C, work + C) < 0
+            or (gamma is not None and _vector_f64(gamma, C, work + 2 * C) < 0)):
+        free(work)
+        return None
+    if gamma is not None:
+        gam = work + 2 * C
+    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
+    dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
+    pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
+    pdx, pdg, pdb = cnp.PyArray_DATA(dx), cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            rc = _backward_core(<const float*> pdy, <const float*> px, N, C, S, work,
+                                work + C, gam, <float*> pdx, work + 3 * C, work + 4 * C,
+                                work + 5 * C, nt)
+            for c in range(C):
+                (<float*> pdg)[c] = <float> work[4 * C + c]
+                (<float*> pdb)[c] = <float> work[3 * C + c]
+        else:
+            rc = _backward_core(<const double*> pdy, <const double*> px, N, C, S, work,
+                                work + C, gam, <double*> pdx, work + 3 * C, work + 4 * C,
+                                work + 5 * C, nt)
+            memcpy(pdg, work + 4 * C, C * sizeof(double))
+            memcpy(pdb, work + 3 * C, C * sizeof(double))
+    free(work)
+    if rc != 0:
+        return None   # the general path allocates again, and raises
+    return dx, dgamma, dbeta
+
+
+def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, n_threads,
+                   Py_ssize_t small_work, Py_ssize_t f64_limit):
+    """bncy.inference(x, running_mean, running_var, gamma, beta, eps=eps, axis=axis,
+    n_threads=...) for a plain call (see Fast paths): y; None, with nothing written,
+    for any other call or a float64 x beyond f64_limit bytes."""
+    cdef int t = _plain_type(x), nt, rc
+    cdef Py_ssize_t ncs[3]
+    cdef Py_ssize_t N, C, S, size
+    cdef double e
+    cdef double* work
+    cdef double* gam = NULL
+    cdef double* bet = NULL
+    cdef void* px
+    cdef void* py
+    cdef cnp.ndarray y
+    if t < 0 or _fast_ncs(x, axis, ncs) < 0:
+        return None
+    N, C, S = ncs[0], ncs[1], ncs[2]
+    size = N * C * S
+    if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
+        return None
+    if type(eps) is not float:
+        return None
+    e = eps
+    if not (isfinite(e) and e >= 0.0):
+        return None
+    nt = _fast_threads(n_threads, size, small_work)
+    if nt == 0:
+        return None
+    # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
+    work = <double*> malloc(6 * C * sizeof(double))
+    if work == NULL:
+        return None
+    if (_vector_f64(running_mean, C, work) < 0 or _vector_f64(running_var, C, work + C) < 0
+            or (gamma is not None and _vector_f64(gamma, C, work + 2 * C) < 0)
+            or (beta is not None and _vector_f64(beta, C, work + 3 * C) < 0)):
+        free(work)
+        return None
+    if gamma is not None:
+        gam = work + 2 * C
+    if beta is not None:
+        bet = work + 3 * C
+    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
+                          cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    px, py = cnp.PyArray_DATA(<cnp.ndarray> x), cnp.PyArray_DATA(y)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            rc = _inference_core(<const float*> px, N, C, S, work, work + C, gam, bet, e,
+                                 <float*> py, work + 4 * C, nt)
+        else:
+            rc = _inference_core(<const double*> px, N, C, S, work, work + C, gam, bet, e,
+                                 <double*> py, work + 4 * C, nt)
+    free(work)
+    if rc != 0:
+        return None   # the general path allocates again, and raises
+    return y

@@ -95,28 +95,46 @@ def test_nan_and_inf_stay_in_their_channel(shape, axis, rng):
     assert not np.isfinite(m[2])
 
 
-def test_avx2_and_baseline_builds_agree_bitwise(rng):
-    """The two builds of the kernels run the same operations in the same order."""
-    kernels_avx2 = pytest.importorskip("bncy._kernels_avx2")
+def _builds():
+    """Every build of the kernels this CPU runs: baseline, AVX2, AVX-512."""
     from bncy import _kernels as base
 
-    if not base.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2")
-    for shape in [(300, 37, 1), (20, 7, 5), (3, 4, 5000)]:
-        for dtype in DTYPES:
-            x = make(shape, dtype, rng, scale=3.0, offset=50.0)
-            dy = make(shape, dtype, rng)
-            C = shape[1]
-            out = {}
-            for mod in (base, kernels_avx2):
-                m, m2 = np.empty(C), np.empty(C)
-                mod.moments(x, m, m2, 2)
-                y = np.empty_like(x)
-                mod.affine(x, m, 1 / np.sqrt(m2 + 1.0), np.ones(C), y, 2)
-                s1, s2 = np.empty(C), np.empty(C)
-                mod.grad_sums(dy, x, m, s1, s2, 2)
-                dx = np.empty_like(x)
-                mod.grad_input(dy, x, m, 1 / np.sqrt(m2 + 1.0), s1, s2, np.ones(C), dx, 2)
-                out[mod.isa()] = (m, m2, y, s1, s2, dx)
-            for a, b in zip(out["baseline"], out["avx2"]):
-                assert_array_equal(a, b)
+    mods = [base]
+    if base.cpu_has_avx2():
+        mods.append(pytest.importorskip("bncy._kernels_avx2"))
+    if base.cpu_has_avx512():
+        mods.append(pytest.importorskip("bncy._kernels_avx512"))
+    if len(mods) == 1:
+        pytest.skip("this CPU runs only the baseline build")
+    return mods
+
+
+@pytest.mark.parametrize("shape", [(300, 37, 1), (20, 7, 5), (3, 4, 5000), (70, 1301, 1),
+                                   (64, 256, 1), (5, 3, 37)])
+def test_every_build_agrees_bitwise(shape, rng):
+    """The builds of the kernels run the same operations in the same order, with
+    different vector widths (and different loop remainders)."""
+    mods = _builds()
+    for dtype in DTYPES:
+        x = make(shape, dtype, rng, scale=3.0, offset=50.0)
+        dy = make(shape, dtype, rng)
+        C = shape[1]
+        g, b = rng.standard_normal(C), rng.standard_normal(C)
+        out = {}
+        for mod in mods:
+            m, m2 = np.empty(C), np.empty(C)
+            mod.moments(x, m, m2, 2)
+            y = np.empty_like(x)
+            mod.affine(x, m, 1 / np.sqrt(m2 + 1.0), np.ones(C), y, 2)
+            s1, s2 = np.empty(C), np.empty(C)
+            mod.grad_sums(dy, x, m, s1, s2, 2)
+            dx = np.empty_like(x)
+            mod.grad_input(dy, x, m, 1 / np.sqrt(m2 + 1.0), s1, s2, np.ones(C), dx, 2)
+            rm, rv = np.zeros(C), np.ones(C)
+            fast = mod.forward_fast(x, g, b, 1e-5, 1, rm, rv, 0.1, 1, 0, 1 << 62)
+            back = mod.backward_fast(dy, x, fast[1], fast[2], g, 1, 1, 0, 1 << 62)
+            out[mod.isa()] = (m, m2, y, s1, s2, dx, *fast, rm, rv, *back)
+        first = out["baseline"]
+        for isa, res in out.items():
+            for a, b_ in zip(first, res):
+                assert_array_equal(a, b_, err_msg=isa)

@@ -1,0 +1,194 @@
+"""The fast paths of bncy.forward, inference and backward (plain calls checked in C): they
+must take every plain call, decline everything else before writing anything, and
+return the bits of the general path."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import bncy
+from bncy import _api
+from conftest import CASES, DTYPES, case_id, make
+
+FAST = _api._kernels_wide
+NO_LIMIT = 1 << 62
+
+
+def _fwd_args(x, axis, rng, gdtype=np.float64):
+    C = x.shape[axis]
+    g = rng.standard_normal(C).astype(gdtype)
+    b = rng.standard_normal(C).astype(gdtype)
+    return C, g, b
+
+
+@pytest.mark.parametrize("gdtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fast_path_matches_the_general_path_bitwise(case, dtype, gdtype, rng):
+    shape, axis = case
+    x = make(shape, dtype, rng, scale=3.0, offset=20.0)
+    dy = make(shape, dtype, rng)
+    C, g, b = _fwd_args(x, axis, rng, gdtype)
+    rm_f, rv_f = np.linspace(0, 1, C).astype(gdtype), np.linspace(1, 2, C).astype(gdtype)
+    rm_g, rv_g = rm_f.copy(), rv_f.copy()
+    fast = FAST.forward_fast(x, g, b, 1e-3, axis, rm_f, rv_f, 0.25, 1, 0, NO_LIMIT)
+    assert fast is not None
+    # out= takes the general path (validation and layout in Python)
+    y = bncy.forward(x, g, b, eps=1e-3, axis=axis, running_mean=rm_g, running_var=rv_g,
+                     momentum=0.25, out=np.empty_like(x), n_threads=1)
+    for a, b_ in zip(fast, y):
+        assert a.dtype == b_.dtype and a.shape == b_.shape
+        assert_array_equal(a, b_)
+    assert_array_equal(rm_f, rm_g)
+    assert_array_equal(rv_f, rv_g)
+    yi = FAST.inference_fast(x, rm_f, rv_f, g, b, 1e-3, axis, 1, 0, NO_LIMIT)
+    assert yi is not None and yi.dtype == x.dtype
+    assert_array_equal(yi, bncy.inference(x, rm_g, rv_g, g, b, eps=1e-3, axis=axis,
+                                          out=np.empty_like(x), n_threads=1))
+    m, s = y[1].astype(gdtype), y[2].astype(gdtype)
+    back = FAST.backward_fast(dy, x, m, s, g, axis, 1, 0, NO_LIMIT)
+    assert back is not None
+    ref = bncy.backward(dy, x, m, s, g, axis=axis, out=np.empty_like(x), n_threads=1)
+    for a, b_ in zip(back, ref):
+        assert a.dtype == b_.dtype and a.shape == b_.shape
+        assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_calls_take_the_fast_path_and_agree(dtype, rng, monkeypatch):
+    x = make((64, 256), dtype, rng)
+    dy = make((64, 256), dtype, rng)
+    C, g, b = _fwd_args(x, 1, rng, dtype)
+    taken = []
+    real_f, real_b, real_i = FAST.forward_fast, FAST.backward_fast, FAST.inference_fast
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(FAST, name)
+
+        def forward_fast(self, *a):
+            r = real_f(*a)
+            taken.append(r is not None)
+            return r
+
+        def backward_fast(self, *a):
+            r = real_b(*a)
+            taken.append(r is not None)
+            return r
+
+        def inference_fast(self, *a):
+            r = real_i(*a)
+            taken.append(r is not None)
+            return r
+
+    monkeypatch.setattr(_api, "_kernels_wide", Spy())
+    y, m, s = bncy.forward(x, g, b)
+    dx, dg, db = bncy.backward(dy, x, m, s, g)
+    yi = bncy.inference(x, m, 1 / s**2, g, b, eps=0.0)
+    assert taken == [True, True, True]
+    assert_array_equal(yi, bncy.inference(x, m, 1 / s**2, g, b, eps=0.0,
+                                          out=np.empty_like(x)))
+    y2, m2, s2 = bncy.forward(x, g, b, out=np.empty_like(x))
+    assert_array_equal(y, y2)
+    assert_array_equal(dx, bncy.backward(dy, x, m, s, g, out=np.empty_like(x))[0])
+
+
+def _declines(rng):
+    """(name, forward_fast args, backward_fast args) of calls the fast path must not
+    take, each next to a plain one."""
+    x = make((8, 4), np.float32, rng)
+    dy = make((8, 4), np.float32, rng)
+    g, b = np.ones(4), np.zeros(4)
+    rm, rv = np.zeros(4), np.ones(4)
+    m, s = np.zeros(4), np.ones(4)
+    F = dict(x=x, gamma=g, beta=b, eps=1e-5, axis=1, running_mean=rm, running_var=rv,
+             momentum=0.1, n_threads=1)
+    B = dict(dy=dy, x=x, mean=m, invstd=s, gamma=g, axis=1, n_threads=1)
+    Inf = dict(x=x, running_mean=rm, running_var=rv, gamma=g, beta=b, eps=1e-5, axis=1,
+               n_threads=1)
+    ro = np.zeros(4)
+    ro.flags.writeable = False
+    cases = [
+        ("x transposed", dict(x=np.ascontiguousarray(x.T).T), dict(x=np.asfortranarray(x))),
+        ("x a list", dict(x=x.tolist()), dict(x=x.tolist())),
+        ("x a subclass", dict(x=x.view(np.matrix)), dict(dy=dy.view(np.matrix))),
+        ("x float16", dict(x=x.astype(np.float16)), dict(x=x.astype(np.float16))),
+        ("x int", dict(x=x.astype(np.int32)), dict(dy=dy.astype(np.int32))),
+        ("x big-endian", dict(x=x.astype(">f4")), dict(x=x.astype(">f4"))),
+        ("x 1-D", dict(x=x.ravel()), dict(x=x.ravel(), dy=dy.ravel())),
+        ("x empty", dict(x=x[:0]), dict(x=x[:0], dy=dy[:0])),
+        ("one value per channel", dict(x=x[:1]), None),
+        ("dy dtype", None, dict(dy=dy.astype(np.float64))),
+        ("dy shape", None, dict(dy=make((4, 8), np.float32, rng))),
+        ("axis out of range", dict(axis=2), dict(axis=-3)),
+        ("axis float", dict(axis=1.0), dict(axis=1.0)),
+        ("axis bool", dict(axis=True), dict(axis=True)),
+        ("gamma shape", dict(gamma=np.ones(5)), dict(gamma=np.ones((4, 1)))),
+        ("gamma a list", dict(gamma=[1.0] * 4), dict(gamma=[1.0] * 4)),
+        ("beta int", dict(beta=np.zeros(4, int)), dict(mean=np.zeros(4, int))),
+        ("invstd strided", None, dict(invstd=np.ones(8)[::2])),
+        ("eps int", dict(eps=0), None),
+        ("eps numpy", dict(eps=np.float64(1e-5)), None),
+        ("eps negative", dict(eps=-1.0), None),
+        ("eps nan", dict(eps=float("nan")), None),
+        ("running_var missing", dict(running_var=None), None),
+        ("running_mean read-only", dict(running_mean=ro), None),
+        ("running_var strided", dict(running_var=np.ones(8)[::2]), None),
+        ("momentum int", dict(momentum=1), None),
+        ("momentum > 1", dict(momentum=1.5), None),
+        ("n_threads 0", dict(n_threads=0), dict(n_threads=0)),
+        ("n_threads bool", dict(n_threads=True), dict(n_threads=True)),
+        ("n_threads float", dict(n_threads=2.0), dict(n_threads=2.0)),
+        ("n_threads huge", dict(n_threads=1 << 40), dict(n_threads=1 << 40)),
+    ]
+    return F, B, Inf, cases
+
+
+# what inference takes from a forward case: the keys it shares, running stats may be
+# read-only and one value per channel is fine
+_INF_SKIP = {"running_var missing", "running_mean read-only", "one value per channel",
+             "momentum int", "momentum > 1"}
+
+
+def test_fast_paths_decline_anything_but_plain_calls_and_write_nothing(rng):
+    F, B, Inf, cases = _declines(rng)
+    assert FAST.forward_fast(*F.values(), 0, NO_LIMIT) is not None
+    assert FAST.backward_fast(*B.values(), 0, NO_LIMIT) is not None
+    assert FAST.inference_fast(*Inf.values(), 0, NO_LIMIT) is not None
+    for name, f, b in cases:
+        i = None
+        if f is not None and name not in _INF_SKIP:
+            i = {k: v for k, v in f.items() if k in Inf}
+        for base, change, fn in ((F, f, FAST.forward_fast), (B, b, FAST.backward_fast),
+                                 (Inf, i, FAST.inference_fast)):
+            if change is None:
+                continue
+            args = {**base, **change}
+            rm0 = None if args.get("running_mean") is None else args["running_mean"].copy()
+            assert fn(*args.values(), 0, NO_LIMIT) is None, (name, fn.__name__)
+            if rm0 is not None:
+                assert_array_equal(args["running_mean"], rm0)
+
+
+def test_fast_path_leaves_extreme_channels_to_the_general_path(rng):
+    x = make((16, 3), np.float64, rng)
+    x[:, 1] *= 1e200                       # squares overflow: the scaled recomputation
+    x[3, 2] = np.inf
+    rm, rv = np.zeros(3), np.ones(3)
+    assert FAST.forward_fast(x, None, None, 1e-5, 1, rm, rv, 0.1, 1, 0, NO_LIMIT) is None
+    assert_array_equal(rm, 0.0)
+    assert_array_equal(rv, 1.0)
+    y, m, s = bncy.forward(x, running_mean=rm, running_var=rv)
+    assert np.isfinite(y[:, :2]).all() and np.isfinite(m[:2]).all()
+    assert np.isnan(y[:, 2]).all() or not np.isfinite(m[2])
+
+
+def test_large_float64_stays_off_the_wide_build(rng):
+    x = make((8, 4), np.float64, rng)
+    assert FAST.forward_fast(x, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 8 * 32) is not None
+    assert FAST.forward_fast(x, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 8 * 31) is None
+    assert FAST.backward_fast(x, x, np.zeros(4), np.ones(4), None, 1, 1, 0, 8 * 31) is None
+    assert FAST.inference_fast(x, np.zeros(4), np.ones(4), None, None, 1e-5, 1, 1, 0,
+                               8 * 31) is None
+    x32 = x.astype(np.float32)
+    assert FAST.forward_fast(x32, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 0) is not None
