@@ -467,11 +467,11 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
         A wrong shape, axis, size or parameter, fewer than 2 values per channel,
         or an unusable ``out``. Nothing is written when an exception is raised.
     """
-    if out is None:  # a plain call checked and run in C, else None (see the kernels)
-        r = _kernels_wide.forward_fast(x, gamma, beta, eps, axis, running_mean, running_var,
-                                       momentum, n_threads, SMALL_WORK, _FAST_F64_BYTES)
-        if r is not None:
-            return r
+    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    r = _kernels_wide.forward_fast(x, gamma, beta, eps, axis, running_mean, running_var,
+                                   momentum, out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
+    if r is not None:
+        return r
     p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
                     n_threads)
     C = p.C
@@ -520,11 +520,11 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`. A single value per channel is fine here.
     """
-    if out is None:  # a plain call checked and run in C, else None (see the kernels)
-        y = _kernels_wide.inference_fast(x, running_mean, running_var, gamma, beta, eps,
-                                         axis, n_threads, SMALL_WORK, _FAST_F64_BYTES)
-        if y is not None:
-            return y
+    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    y = _kernels_wide.inference_fast(x, running_mean, running_var, gamma, beta, eps, axis,
+                                     out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
+    if y is not None:
+        return y
     x = _check_x(x)
     ax = _check_axis(axis, x.ndim)
     C = x.shape[ax]
@@ -583,11 +583,11 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
-    if out is None:  # a plain call checked and run in C, else None (see the kernels)
-        r = _kernels_wide.backward_fast(dy, x, mean, invstd, gamma, axis, n_threads,
-                                        SMALL_WORK, _FAST_F64_BYTES)
-        if r is not None:
-            return r
+    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    r = _kernels_wide.backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
+                                    SMALL_WORK, _FAST_F64_BYTES)
+    if r is not None:
+        return r
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
     # the fast path: _local_grad_sums + _apply_grad in one call

@@ -35,12 +35,12 @@ def backward_coefficients(sdy: _D, sdyx: _D, invstd: _D, gamma: _D | None, count
                           a_out: _D, b_out: _D, k_out: _D, dgamma_out: _D) -> None: ...
 # Fast paths: public arguments as given; None when the call is not plain.
 def forward_fast(x: object, gamma: object, beta: object, eps: object, axis: object,
-                 running_mean: object, running_var: object, momentum: object,
+                 running_mean: object, running_var: object, momentum: object, out: object,
                  n_threads: object, small_work: int,
                  f64_limit: int) -> tuple[_F, _D, _D] | None: ...
 def inference_fast(x: object, running_mean: object, running_var: object, gamma: object,
-                   beta: object, eps: object, axis: object, n_threads: object,
+                   beta: object, eps: object, axis: object, out: object, n_threads: object,
                    small_work: int, f64_limit: int) -> _F | None: ...
 def backward_fast(dy: object, x: object, mean: object, invstd: object, gamma: object,
-                  axis: object, n_threads: object, small_work: int,
+                  axis: object, out: object, n_threads: object, small_work: int,
                   f64_limit: int) -> tuple[_F, _F, _F] | None: ...

@@ -8,7 +8,9 @@
 # Private kernels of bncy: unchecked loops only. Not public API.
 #
 # Everything a caller can get wrong (dtype, shape, layout, aliasing, thread count)
-# is checked in ``bncy._api`` before these functions are called.
+# is checked in ``bncy._api`` before these functions are called, except by the fast
+# paths at the end of this file, which check the plain call themselves and hand
+# every other one back to ``bncy._api``.
 #
 # Design
 # ------
@@ -1208,7 +1210,10 @@ def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any s
 # only when each one is the plain case: exact ndarrays of native float32/float64,
 # C-contiguous and aligned; vectors of shape (C,); a float eps >= 0 and a float
 # momentum in [0, 1]; running statistics both given and writeable, or neither;
-# n_threads None or an int >= 1; enough values per channel. For anything else
+# n_threads None or an int >= 1; enough values per channel; out None or a plain
+# writeable array of x's shape and dtype that does not partly overlap the inputs
+# (it may be x or dy itself: the kernels write element i after reading it). For
+# anything else
 # they return None before allocating or writing anything, and bncy._api takes its
 # general path, which raises the error or normalises the layout. Both paths run
 # the same cores (_forward_core, _backward_core), so they return the same bits.
@@ -1300,6 +1305,30 @@ cdef int _fast_ncs(object x, object axis, Py_ssize_t* ncs) noexcept:
     return 0
 
 
+cdef void* _plain_out(object out, object x, int t) noexcept:
+    # out's data when it can take x's result in place of a fresh array: a plain
+    # writeable array of x's dtype and shape, not overlapping x unless it is x's
+    # very memory (the kernels allow out[i] to be x[i]); else NULL.
+    cdef cnp.ndarray o, a = <cnp.ndarray> x
+    cdef int i
+    cdef char* po
+    cdef char* px
+    cdef Py_ssize_t nbytes
+    if _plain_type(out) != t:
+        return NULL
+    o = <cnp.ndarray> out
+    if not cnp.PyArray_ISWRITEABLE(o) or cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(a):
+        return NULL
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(o)[i] != cnp.PyArray_DIMS(a)[i]:
+            return NULL
+    po, px = <char*> cnp.PyArray_DATA(o), <char*> cnp.PyArray_DATA(a)
+    nbytes = cnp.PyArray_NBYTES(a)
+    if po != px and po < px + nbytes and px < po + nbytes:
+        return NULL
+    return po
+
+
 cdef void _ema(void* r, int t, const double* v, Py_ssize_t C, double momentum,
                double factor) noexcept nogil:
     # r = (1 - momentum) * r + momentum * (factor * v): ema_update's operations.
@@ -1314,12 +1343,12 @@ cdef void _ema(void* r, int t, const double* v, Py_ssize_t C, double momentum,
             rd[c] = (1.0 - momentum) * rd[c] + momentum * (factor * v[c])
 
 
-def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
+def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
                  n_threads, Py_ssize_t small_work, Py_ssize_t f64_limit):
     """bncy.forward(x, gamma, beta, eps=eps, axis=axis, running_mean=..., running_var=...,
-    momentum=..., n_threads=...) for a plain call (see Fast paths): (y, mean, invstd);
-    None, with nothing written, for any other call or a float64 x beyond f64_limit
-    bytes."""
+    momentum=..., out=..., n_threads=...) for a plain call (see Fast paths):
+    (y, mean, invstd); None, with nothing written, for any other call or a float64 x
+    beyond f64_limit bytes."""
     cdef int t = _plain_type(x), trm = -1, trv = -1, nt, rc, suspicious = 0
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size
@@ -1359,6 +1388,11 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
+    py = NULL
+    if out is not None:
+        py = _plain_out(out, x, t)
+        if py == NULL:
+            return None
     # gamma, shift, m2, var, scale
     work = <double*> malloc(5 * C * sizeof(double))
     if work == NULL:
@@ -1373,11 +1407,15 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     elif _vector_f64(beta, C, work + C) < 0:
         free(work)
         return None
-    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
-                          cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    if out is None:
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
+                              cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+        py = cnp.PyArray_DATA(y)
+    else:
+        y = <cnp.ndarray> out
     mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
-    px, py = cnp.PyArray_DATA(<cnp.ndarray> x), cnp.PyArray_DATA(y)
+    px = cnp.PyArray_DATA(<cnp.ndarray> x)
     pmean = <double*> cnp.PyArray_DATA(mean)
     pinvstd = <double*> cnp.PyArray_DATA(invstd)
     with nogil:
@@ -1399,11 +1437,11 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     return y, mean, invstd
 
 
-def backward_fast(dy, x, mean, invstd, gamma, axis, n_threads, Py_ssize_t small_work,
-                  Py_ssize_t f64_limit):
-    """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, n_threads=...) for a plain
-    call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written, for any
-    other call or a float64 x beyond f64_limit bytes."""
+def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
+                  Py_ssize_t small_work, Py_ssize_t f64_limit):
+    """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, out=..., n_threads=...) for
+    a plain call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written,
+    for any other call or a float64 x beyond f64_limit bytes."""
     cdef int t = _plain_type(x), nt, rc, nd, i
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size, c
@@ -1430,6 +1468,11 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, n_threads, Py_ssize_t small_
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
+    pdx = NULL
+    if out is not None:   # may be x or dy themselves, never a partial overlap
+        pdx = _plain_out(out, x, t)
+        if pdx == NULL or _plain_out(out, dy, t) == NULL:
+            return None
     # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work
     work = <double*> malloc(9 * C * sizeof(double))
     if work == NULL:
@@ -1440,11 +1483,15 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, n_threads, Py_ssize_t small_
         return None
     if gamma is not None:
         gam = work + 2 * C
-    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    if out is None:
+        dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+        pdx = cnp.PyArray_DATA(dx)
+    else:
+        dx = <cnp.ndarray> out
     dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
-    pdx, pdg, pdb = cnp.PyArray_DATA(dx), cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
+    pdg, pdb = cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _backward_core(<const float*> pdy, <const float*> px, N, C, S, work,
@@ -1465,11 +1512,11 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, n_threads, Py_ssize_t small_
     return dx, dgamma, dbeta
 
 
-def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, n_threads,
+def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_threads,
                    Py_ssize_t small_work, Py_ssize_t f64_limit):
     """bncy.inference(x, running_mean, running_var, gamma, beta, eps=eps, axis=axis,
-    n_threads=...) for a plain call (see Fast paths): y; None, with nothing written,
-    for any other call or a float64 x beyond f64_limit bytes."""
+    out=..., n_threads=...) for a plain call (see Fast paths): y; None, with nothing
+    written, for any other call or a float64 x beyond f64_limit bytes."""
     cdef int t = _plain_type(x), nt, rc
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size
@@ -1494,6 +1541,11 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, n_threa
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
+    py = NULL
+    if out is not None:
+        py = _plain_out(out, x, t)
+        if py == NULL:
+            return None
     # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
     work = <double*> malloc(6 * C * sizeof(double))
     if work == NULL:
@@ -1507,9 +1559,13 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, n_threa
         gam = work + 2 * C
     if beta is not None:
         bet = work + 3 * C
-    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
-                          cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
-    px, py = cnp.PyArray_DATA(<cnp.ndarray> x), cnp.PyArray_DATA(y)
+    if out is None:
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
+                              cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+        py = cnp.PyArray_DATA(y)
+    else:
+        y = <cnp.ndarray> out
+    px = cnp.PyArray_DATA(<cnp.ndarray> x)
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _inference_core(<const float*> px, N, C, S, work, work + C, gam, bet, e,

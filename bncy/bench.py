@@ -9,6 +9,13 @@ The bound counts the fewest crossings of the memory bus: inference reads x and
 writes y; training forward also reads x once more for the statistics, unless x
 fits in the last-level cache; backward reads x and dy for the sums and again
 for dx (unless they fit in cache), and writes dx.
+
+By default every call returns fresh output arrays, as a user's call does. Outputs
+beyond glibc's 32 MiB mmap threshold are then fresh pages that the kernel
+faults in and zeroes on every call (one more write of the output, and page
+faults), a cost of the allocation rather than of either library. ``--out``
+writes into preallocated outputs instead (bncy's ``out=``, torch's ``.out``
+overloads) and so times the kernels alone.
 """
 
 from __future__ import annotations
@@ -80,13 +87,26 @@ def _torch_tensors(torch, x, dy, axis):
     return torch.from_numpy(x), torch.from_numpy(dy)
 
 
-def _aten_case(torch, tx, tdy, C, wrap=lambda f: f):
+def _aten_case(torch, tx, tdy, C, wrap=lambda f: f, prealloc=False):
     """torch's native_batch_norm (training, inference) and its backward on tx, tdy;
-    ``wrap`` (torch.compile, say) is applied to each of the three calls."""
+    ``wrap`` (torch.compile, say) is applied to each of the three calls; prealloc:
+    the ``.out`` overloads, into outputs allocated once."""
     w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
     rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
     nbn, nbn_bwd = torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm_backward
     saved = nbn(tx, w, b, None, None, True, 0.1, 1e-5)
+    if prealloc:
+        o, g = torch.empty_like(tx), torch.empty_like(tx)   # keep tx's memory format
+        v = [torch.empty(C, dtype=tx.dtype) for _ in range(4)]
+        return {
+            "forward": lambda: nbn.out(tx, w, b, rm, rv, True, 0.1, 1e-5, out=o,
+                                       save_mean=v[0], save_invstd=v[1]),
+            "inference": lambda: nbn.out(tx, w, b, rm, rv, False, 0.1, 1e-5, out=o,
+                                         save_mean=v[0], save_invstd=v[1]),
+            "backward": lambda: nbn_bwd.out(tdy, tx, w, rm, rv, saved[1], saved[2], True,
+                                            1e-5, [True, True, True], out0=g, out1=v[2],
+                                            out2=v[3]),
+        }
     fwd = wrap(lambda x_, train: nbn(x_, w, b, rm, rv, train, 0.1, 1e-5))
     bwd = wrap(lambda dy_, x_: nbn_bwd(dy_, x_, w, rm, rv, saved[1], saved[2], True, 1e-5,
                                        [True, True, True]))
@@ -97,8 +117,8 @@ def _aten_case(torch, tx, tdy, C, wrap=lambda f: f):
     }
 
 
-def _torch_case(torch, x, dy, axis, C):
-    return _aten_case(torch, *_torch_tensors(torch, x, dy, axis), C)
+def _torch_case(torch, x, dy, axis, C, prealloc=False):
+    return _aten_case(torch, *_torch_tensors(torch, x, dy, axis), C, prealloc=prealloc)
 
 
 def _mkldnn_case(torch, x, dy, axis, C):
@@ -119,7 +139,9 @@ PEERS = {"mkldnn": _mkldnn_case, "compile": _compile_case}
 
 
 def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=True,
-        peers=(), bandwidth_bytes=256 << 20):
+        peers=(), bandwidth_bytes=256 << 20, prealloc=False):
+    """Time every case; prealloc: bncy and torch write into outputs allocated once
+    (the reference and the further peers allocate as usual)."""
     try:
         import torch
     except ImportError:
@@ -146,12 +168,14 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                 g, b = np.ones(C, dtype), np.zeros(C, dtype)
                 rm, rv = np.zeros(C), np.ones(C)
                 _, m, s = bncy.forward(x, g, b, axis=axis)
+                yo = np.empty_like(x) if prealloc else None
+                dxo = np.empty_like(x) if prealloc else None
                 ours = {
                     "forward": lambda: bncy.forward(x, g, b, axis=axis, running_mean=rm,
-                                                    running_var=rv, n_threads=nt),
-                    "inference": lambda: bncy.inference(x, rm, rv, g, b, axis=axis,
+                                                    running_var=rv, out=yo, n_threads=nt),
+                    "inference": lambda: bncy.inference(x, rm, rv, g, b, axis=axis, out=yo,
                                                         n_threads=nt),
-                    "backward": lambda: bncy.backward(dy, x, m, s, g, axis=axis,
+                    "backward": lambda: bncy.backward(dy, x, m, s, g, axis=axis, out=dxo,
                                                       n_threads=nt),
                 }
                 ref = {
@@ -159,7 +183,8 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                     "inference": lambda: reference.inference(x, rm, rv, g, b, axis=axis),
                     "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis),
                 }
-                peer = _torch_case(torch, x, dy, axis, C) if torch is not None else {}
+                peer = (_torch_case(torch, x, dy, axis, C, prealloc) if torch is not None
+                        else {})
                 extra = {name: PEERS[name](torch, x, dy, axis, C) if torch is not None else {}
                          for name in peers}
                 for op in OPS:
@@ -247,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="", metavar="mkldnn,compile",
                    help="further torch peers: 'mkldnn' (oneDNN on x.to_mkldnn(), float32 "
                         "NCHW only) and 'compile' (the aten calls through torch.compile)")
+    p.add_argument("--out", action="store_true",
+                   help="bncy and torch write into preallocated outputs (out=, .out): "
+                        "the kernels without the cost of fresh output pages")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
@@ -260,14 +288,15 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     rows, bws = run(threads, shapes, dtypes, repeats, budget,
-                    with_reference=not args.no_reference, peers=peers)
-    print(f"bncy {bncy.__version__}, OpenMP {bncy.openmp_enabled()}, "
-          f"{platform.machine()}, {platform.python_version()}")
+                    with_reference=not args.no_reference, peers=peers, prealloc=args.out)
+    print(f"bncy {bncy.__version__}, OpenMP {bncy.openmp_enabled()}, isa {bncy.isa()}, "
+          f"{platform.machine()}, {platform.python_version()}; outputs "
+          + ("preallocated (--out)" if args.out else "fresh per call"))
     print(table(rows, bws, peers))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine()},
-                      fh, indent=1)
+            json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine(),
+                       "isa": bncy.isa(), "preallocated_outputs": args.out}, fh, indent=1)
     if args.plot:
         plot(rows, bws, args.plot)
     return 0

@@ -46,3 +46,29 @@ def test_mkldnn_peer_runs_on_float32_nchw_only():
     for r in rows:
         expected = r["dtype"] == "float32" and r["case"].startswith("NCHW")
         assert (r["mkldnn_s"] is not None) == expected, r
+
+
+def test_preallocated_outputs_run_every_case():
+    rows, _ = bench.run([1], SMALL, [np.dtype(np.float64)], repeats=3, budget=0.05,
+                        with_reference=False, progress=False, bandwidth_bytes=4 << 20,
+                        prealloc=True)
+    assert [(r["case"], r["op"]) for r in rows] == [
+        (name, op) for name, _, _ in SMALL for op in bench.OPS]
+    assert all(r["bncy_s"] > 0 for r in rows)
+    assert all(r["torch_s"] is None or r["torch_s"] > 0 for r in rows)
+
+
+def test_torch_out_overloads_write_the_same_results():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for shape, axis in [((6, 4, 5, 5), 1), ((6, 5, 5, 4), -1)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        C = shape[axis]
+        fresh = bench._torch_case(torch, x, dy, axis, C)
+        pre = bench._torch_case(torch, x, dy, axis, C, prealloc=True)
+        for op in bench.OPS:   # same order, so both running statistics move alike
+            a, b = fresh[op](), pre[op]()
+            n = 3 if op != "inference" else 1   # inference leaves save_* undefined
+            for u, v in zip(a[:n], b[:n]):
+                np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-6, atol=1e-6)

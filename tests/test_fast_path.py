@@ -14,6 +14,20 @@ FAST = _api._kernels_wide
 NO_LIMIT = 1 << 62
 
 
+class _NoFastPath:
+    """The kernels with every fast path declining: bncy._api's general path."""
+
+    def __getattr__(self, name):
+        if name.endswith("_fast"):
+            return lambda *a: None
+        return getattr(FAST, name)
+
+
+@pytest.fixture
+def general(monkeypatch):
+    monkeypatch.setattr(_api, "_kernels_wide", _NoFastPath())
+
+
 def _fwd_args(x, axis, rng, gdtype=np.float64):
     C = x.shape[axis]
     g = rng.standard_normal(C).astype(gdtype)
@@ -24,31 +38,30 @@ def _fwd_args(x, axis, rng, gdtype=np.float64):
 @pytest.mark.parametrize("gdtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_fast_path_matches_the_general_path_bitwise(case, dtype, gdtype, rng):
+def test_fast_path_matches_the_general_path_bitwise(case, dtype, gdtype, rng, general):
     shape, axis = case
     x = make(shape, dtype, rng, scale=3.0, offset=20.0)
     dy = make(shape, dtype, rng)
     C, g, b = _fwd_args(x, axis, rng, gdtype)
     rm_f, rv_f = np.linspace(0, 1, C).astype(gdtype), np.linspace(1, 2, C).astype(gdtype)
     rm_g, rv_g = rm_f.copy(), rv_f.copy()
-    fast = FAST.forward_fast(x, g, b, 1e-3, axis, rm_f, rv_f, 0.25, 1, 0, NO_LIMIT)
+    fast = FAST.forward_fast(x, g, b, 1e-3, axis, rm_f, rv_f, 0.25, None, 1, 0, NO_LIMIT)
     assert fast is not None
-    # out= takes the general path (validation and layout in Python)
     y = bncy.forward(x, g, b, eps=1e-3, axis=axis, running_mean=rm_g, running_var=rv_g,
-                     momentum=0.25, out=np.empty_like(x), n_threads=1)
+                     momentum=0.25, n_threads=1)
     for a, b_ in zip(fast, y):
         assert a.dtype == b_.dtype and a.shape == b_.shape
         assert_array_equal(a, b_)
     assert_array_equal(rm_f, rm_g)
     assert_array_equal(rv_f, rv_g)
-    yi = FAST.inference_fast(x, rm_f, rv_f, g, b, 1e-3, axis, 1, 0, NO_LIMIT)
+    yi = FAST.inference_fast(x, rm_f, rv_f, g, b, 1e-3, axis, None, 1, 0, NO_LIMIT)
     assert yi is not None and yi.dtype == x.dtype
     assert_array_equal(yi, bncy.inference(x, rm_g, rv_g, g, b, eps=1e-3, axis=axis,
-                                          out=np.empty_like(x), n_threads=1))
+                                          n_threads=1))
     m, s = y[1].astype(gdtype), y[2].astype(gdtype)
-    back = FAST.backward_fast(dy, x, m, s, g, axis, 1, 0, NO_LIMIT)
+    back = FAST.backward_fast(dy, x, m, s, g, axis, None, 1, 0, NO_LIMIT)
     assert back is not None
-    ref = bncy.backward(dy, x, m, s, g, axis=axis, out=np.empty_like(x), n_threads=1)
+    ref = bncy.backward(dy, x, m, s, g, axis=axis, n_threads=1)
     for a, b_ in zip(back, ref):
         assert a.dtype == b_.dtype and a.shape == b_.shape
         assert_array_equal(a, b_)
@@ -85,12 +98,30 @@ def test_public_calls_take_the_fast_path_and_agree(dtype, rng, monkeypatch):
     y, m, s = bncy.forward(x, g, b)
     dx, dg, db = bncy.backward(dy, x, m, s, g)
     yi = bncy.inference(x, m, 1 / s**2, g, b, eps=0.0)
-    assert taken == [True, True, True]
-    assert_array_equal(yi, bncy.inference(x, m, 1 / s**2, g, b, eps=0.0,
-                                          out=np.empty_like(x)))
-    y2, m2, s2 = bncy.forward(x, g, b, out=np.empty_like(x))
+    # out= arrays, x itself, dy itself
+    yo = np.empty_like(x)
+    assert bncy.forward(x, g, b, out=yo)[0] is yo
+    dxo = np.empty_like(x)
+    assert bncy.backward(dy, x, m, s, g, out=dxo)[0] is dxo
+    yio = np.empty_like(x)
+    assert bncy.inference(x, m, 1 / s**2, g, b, eps=0.0, out=yio) is yio
+    x_in, dy_in = x.copy(), dy.copy()
+    assert bncy.forward(x_in, g, b, out=x_in)[0] is x_in
+    assert bncy.backward(dy_in, x, m, s, g, out=dy_in)[0] is dy_in
+    assert taken == [True] * 8
+    monkeypatch.setattr(_api, "_kernels_wide", _NoFastPath())
+    y2, m2, s2 = bncy.forward(x, g, b)
     assert_array_equal(y, y2)
-    assert_array_equal(dx, bncy.backward(dy, x, m, s, g, out=np.empty_like(x))[0])
+    assert_array_equal(m, m2)
+    assert_array_equal(s, s2)
+    for got, want in zip((dx, dg, db), bncy.backward(dy, x, m, s, g)):
+        assert_array_equal(got, want)
+    assert_array_equal(yi, bncy.inference(x, m, 1 / s**2, g, b, eps=0.0))
+    for got in (yo, x_in):
+        assert_array_equal(got, y)
+    for got in (dxo, dy_in):
+        assert_array_equal(got, dx)
+    assert_array_equal(yio, yi)
 
 
 def _declines(rng):
@@ -102,10 +133,14 @@ def _declines(rng):
     rm, rv = np.zeros(4), np.ones(4)
     m, s = np.zeros(4), np.ones(4)
     F = dict(x=x, gamma=g, beta=b, eps=1e-5, axis=1, running_mean=rm, running_var=rv,
-             momentum=0.1, n_threads=1)
-    B = dict(dy=dy, x=x, mean=m, invstd=s, gamma=g, axis=1, n_threads=1)
+             momentum=0.1, out=None, n_threads=1)
+    B = dict(dy=dy, x=x, mean=m, invstd=s, gamma=g, axis=1, out=None, n_threads=1)
     Inf = dict(x=x, running_mean=rm, running_var=rv, gamma=g, beta=b, eps=1e-5, axis=1,
-               n_threads=1)
+               out=None, n_threads=1)
+    big = np.zeros(40, np.float32)
+    shifted = big[1:33].reshape(8, 4)     # overlaps x = big[:32] by all but one value
+    ro_out = np.zeros((8, 4), np.float32)
+    ro_out.flags.writeable = False
     ro = np.zeros(4)
     ro.flags.writeable = False
     cases = [
@@ -140,6 +175,16 @@ def _declines(rng):
         ("n_threads bool", dict(n_threads=True), dict(n_threads=True)),
         ("n_threads float", dict(n_threads=2.0), dict(n_threads=2.0)),
         ("n_threads huge", dict(n_threads=1 << 40), dict(n_threads=1 << 40)),
+        ("out float64", dict(out=np.zeros((8, 4))), dict(out=np.zeros((8, 4)))),
+        ("out shape", dict(out=np.zeros((4, 8), np.float32)),
+         dict(out=np.zeros((8, 4, 1), np.float32))),
+        ("out read-only", dict(out=ro_out), dict(out=ro_out)),
+        ("out strided", dict(out=np.zeros((8, 8), np.float32)[:, ::2]),
+         dict(out=np.zeros((8, 8), np.float32)[:, ::2])),
+        ("out a list", dict(out=[0.0] * 32), dict(out=[0.0] * 32)),
+        ("out overlapping x", dict(x=big[:32].reshape(8, 4), out=shifted),
+         dict(x=big[:32].reshape(8, 4), out=shifted)),
+        ("out overlapping dy", None, dict(dy=big[:32].reshape(8, 4), out=shifted)),
     ]
     return F, B, Inf, cases
 
@@ -175,7 +220,7 @@ def test_fast_path_leaves_extreme_channels_to_the_general_path(rng):
     x[:, 1] *= 1e200                       # squares overflow: the scaled recomputation
     x[3, 2] = np.inf
     rm, rv = np.zeros(3), np.ones(3)
-    assert FAST.forward_fast(x, None, None, 1e-5, 1, rm, rv, 0.1, 1, 0, NO_LIMIT) is None
+    assert FAST.forward_fast(x, None, None, 1e-5, 1, rm, rv, 0.1, None, 1, 0, NO_LIMIT) is None
     assert_array_equal(rm, 0.0)
     assert_array_equal(rv, 1.0)
     y, m, s = bncy.forward(x, running_mean=rm, running_var=rv)
@@ -185,10 +230,11 @@ def test_fast_path_leaves_extreme_channels_to_the_general_path(rng):
 
 def test_large_float64_stays_off_the_wide_build(rng):
     x = make((8, 4), np.float64, rng)
-    assert FAST.forward_fast(x, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 8 * 32) is not None
-    assert FAST.forward_fast(x, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 8 * 31) is None
-    assert FAST.backward_fast(x, x, np.zeros(4), np.ones(4), None, 1, 1, 0, 8 * 31) is None
-    assert FAST.inference_fast(x, np.zeros(4), np.ones(4), None, None, 1e-5, 1, 1, 0,
+    f = (None, None, 1e-5, 1, None, None, 0.1, None, 1, 0)
+    assert FAST.forward_fast(x, *f, 8 * 32) is not None
+    assert FAST.forward_fast(x, *f, 8 * 31) is None
+    assert FAST.backward_fast(x, x, np.zeros(4), np.ones(4), None, 1, None, 1, 0,
+                              8 * 31) is None
+    assert FAST.inference_fast(x, np.zeros(4), np.ones(4), None, None, 1e-5, 1, None, 1, 0,
                                8 * 31) is None
-    x32 = x.astype(np.float32)
-    assert FAST.forward_fast(x32, None, None, 1e-5, 1, None, None, 0.1, 1, 0, 0) is not None
+    assert FAST.forward_fast(x.astype(np.float32), *f, 0) is not None

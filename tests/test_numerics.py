@@ -131,8 +131,8 @@ def test_every_build_agrees_bitwise(shape, rng):
             dx = np.empty_like(x)
             mod.grad_input(dy, x, m, 1 / np.sqrt(m2 + 1.0), s1, s2, np.ones(C), dx, 2)
             rm, rv = np.zeros(C), np.ones(C)
-            fast = mod.forward_fast(x, g, b, 1e-5, 1, rm, rv, 0.1, 1, 0, 1 << 62)
-            back = mod.backward_fast(dy, x, fast[1], fast[2], g, 1, 1, 0, 1 << 62)
+            fast = mod.forward_fast(x, g, b, 1e-5, 1, rm, rv, 0.1, None, 1, 0, 1 << 62)
+            back = mod.backward_fast(dy, x, fast[1], fast[2], g, 1, None, 1, 0, 1 << 62)
             out[mod.isa()] = (m, m2, y, s1, s2, dx, *fast, rm, rv, *back)
         first = out["baseline"]
         for isa, res in out.items():
