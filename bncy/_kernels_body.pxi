@@ -20,9 +20,9 @@
 # axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules:
 #
 # * rows (S < ROWS_MAX_RUN): x is the row-major matrix (N, K = C*S). A block is
-#   ROW_BLOCK rows x COL_TILE columns; the loop over columns is innermost, with one
-#   float64 accumulator per column, so it vectorises without reassociating any
-#   sum. Block statistics take one pass, shifted by the block's first row.
+#   ROW_BLOCK rows x up to COL_TILE columns; the loop over columns is innermost,
+#   with one float64 accumulator per column, so it vectorises without
+#   reassociating any sum (and the column tiling does not change any sum). Block statistics take one pass, shifted by the block's first row.
 #   Per-channel vectors are expanded to K columns; the S columns of a channel are
 #   merged at the end, in column order. The elementwise passes take whole rows
 #   while the per-column coefficients fit in L1, and groups of 4 rows through
@@ -62,14 +62,15 @@ from bncy._openmp cimport BNCY_OPENMP_ENABLED, omp_get_max_threads
 
 cdef enum:
     ROW_BLOCK = 256      # rows of a block in the rows schedule
-    COL_TILE = 256       # columns of a block in the rows schedule (and of a merge tile)
+    COL_TILE = 1024      # columns of a reduction block in the rows schedule, at most
+    MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     SEG = 4096           # values of a block in the planes schedule
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
     NACC = 16            # interleaved accumulators along a contiguous run
 
-BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "SEG": SEG,
+BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN}
 
 
@@ -150,15 +151,27 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 cdef inline Py_ssize_t _row_tile(Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
     # Columns per block of the rows schedule's elementwise passes: whole rows,
     # unless there are too few row blocks for the threads (N <= ROW_BLOCK would
-    # run on one): then about 2 * n_threads blocks, each at least COL_TILE
+    # run on one): then about 2 * n_threads blocks, each at least MIN_TILE
     # columns wide and a multiple of 16 (whole cache lines of float32).
     cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), nkt
     if n_threads <= 1 or n_rb >= 2 * n_threads:
         return K
-    nkt = _imin(_cdiv(K, COL_TILE), _cdiv(2 * n_threads, n_rb))
+    nkt = _imin(_cdiv(K, MIN_TILE), _cdiv(2 * n_threads, n_rb))
     if nkt <= 1:
         return K
     return _cdiv(_cdiv(K, nkt), 16) * 16
+
+
+cdef inline Py_ssize_t _red_tile(Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
+    # Columns per block of the rows schedule's reductions: COL_TILE, so that a
+    # block reads long runs of each row (256 columns read 1 KiB of every 2 KiB row
+    # of a (65536, 512) float32 array and ran the backward sums at 17 GB/s; 1024,
+    # at 24), or MIN_TILE when that leaves fewer than 2 blocks per thread. Every
+    # column is summed over the same rows in the same order whatever the width,
+    # so the results do not depend on it.
+    if n_threads > 1 and _cdiv(N, ROW_BLOCK) * _cdiv(K, COL_TILE) < 2 * n_threads:
+        return MIN_TILE
+    return COL_TILE
 
 
 # ---------------------------------------------------------------------------
@@ -430,22 +443,24 @@ cdef void _expand(const double* v, Py_ssize_t C, Py_ssize_t S, double* out) noex
 # ---------------------------------------------------------------------------
 
 cdef inline void _rows_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t K,
-                                     Py_ssize_t n_kt, Py_ssize_t b,
+                                     Py_ssize_t TW, Py_ssize_t b,
                                      double* part) noexcept nogil:
-    # Block b: row block b // n_kt, column tile b % n_kt; into partial row br.
-    cdef Py_ssize_t br = b // n_kt, kt = b % n_kt, n_rb = _cdiv(N, ROW_BLOCK)
+    # Block b: row block b // n_kt, column tile b % n_kt (TW wide); into partial
+    # row br.
+    cdef Py_ssize_t n_kt = _cdiv(K, TW), br = b // n_kt, kt = b % n_kt
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK)
     _block_col_moments(x, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
-                       kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                       kt * TW, _imin(K, (kt + 1) * TW),
                        part + br * K, part + (n_rb + br) * K)
 
 
 cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        double* mean_out, double* m2_out, int n_threads) noexcept nogil:
-    # Blocks: ROW_BLOCK rows x COL_TILE columns of (N, K), row-block-major, so a
+    # Blocks: ROW_BLOCK rows x TW columns of (N, K), row-block-major, so a
     # thread's consecutive blocks are neighbours in memory. Partial row br holds
     # the moments of row block br; merged in row-block order per column.
-    cdef Py_ssize_t K = C * S
-    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, COL_TILE)
+    cdef Py_ssize_t K = C * S, TW = _red_tile(N, K, n_threads)
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, TW)
     cdef Py_ssize_t b, br, kt
     cdef double* part = <double*> malloc(2 * n_rb * K * sizeof(double))
     cdef double* cols = NULL
@@ -462,14 +477,14 @@ cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
         col_m2 = cols + K
     if n_threads > 1:
         for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads):
-            _rows_moments_block(x, N, K, n_kt, b, part)
+            _rows_moments_block(x, N, K, TW, b, part)
         for kt in prange(n_kt, schedule='static', num_threads=n_threads):
-            _merge_moments(part, part + n_rb * K, n_rb, K, kt * COL_TILE,
-                           _imin(K, (kt + 1) * COL_TILE), ROW_BLOCK, N, n_rb,
+            _merge_moments(part, part + n_rb * K, n_rb, K, kt * TW,
+                           _imin(K, (kt + 1) * TW), ROW_BLOCK, N, n_rb,
                            col_mean, col_m2)
     else:
         for b in range(n_rb * n_kt):
-            _rows_moments_block(x, N, K, n_kt, b, part)
+            _rows_moments_block(x, N, K, TW, b, part)
         _merge_moments(part, part + n_rb * K, n_rb, K, 0, K, ROW_BLOCK, N, n_rb,
                        col_mean, col_m2)
     if S > 1:
@@ -543,12 +558,13 @@ def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
 
 cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
                                        const double* center, Py_ssize_t N, Py_ssize_t K,
-                                       Py_ssize_t n_kt, Py_ssize_t b,
+                                       Py_ssize_t TW, Py_ssize_t b,
                                        double* part) noexcept nogil:
     # Block b as in _rows_moments_block.
-    cdef Py_ssize_t br = b // n_kt, kt = b % n_kt, n_rb = _cdiv(N, ROW_BLOCK)
+    cdef Py_ssize_t n_kt = _cdiv(K, TW), br = b // n_kt, kt = b % n_kt
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK)
     _block_col_grad_sums(dy, x, center, K, br * ROW_BLOCK, _imin(N, (br + 1) * ROW_BLOCK),
-                         kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
+                         kt * TW, _imin(K, (kt + 1) * TW),
                          part + br * K, part + (n_rb + br) * K)
 
 
@@ -556,8 +572,8 @@ cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* ce
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
     # Blocks as in _moments_rows; partial sums merged in row-block order.
-    cdef Py_ssize_t K = C * S
-    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, COL_TILE)
+    cdef Py_ssize_t K = C * S, TW = _red_tile(N, K, n_threads)
+    cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), n_kt = _cdiv(K, TW)
     cdef Py_ssize_t b, br, kt
     cdef double* part = <double*> malloc(2 * n_rb * K * sizeof(double))
     cdef double* cols = NULL
@@ -577,15 +593,14 @@ cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* ce
         ccenter = cols + 2 * K
     if n_threads > 1:
         for b in prange(n_rb * n_kt, schedule='static', num_threads=n_threads):
-            _rows_grad_sums_block(dy, x, ccenter, N, K, n_kt, b, part)
+            _rows_grad_sums_block(dy, x, ccenter, N, K, TW, b, part)
         for kt in prange(n_kt, schedule='static', num_threads=n_threads):
-            _merge_sums(part, n_rb, K, kt * COL_TILE, _imin(K, (kt + 1) * COL_TILE),
-                        col_sdy)
-            _merge_sums(part + n_rb * K, n_rb, K, kt * COL_TILE,
-                        _imin(K, (kt + 1) * COL_TILE), col_sdyx)
+            _merge_sums(part, n_rb, K, kt * TW, _imin(K, (kt + 1) * TW), col_sdy)
+            _merge_sums(part + n_rb * K, n_rb, K, kt * TW, _imin(K, (kt + 1) * TW),
+                        col_sdyx)
     else:
         for b in range(n_rb * n_kt):
-            _rows_grad_sums_block(dy, x, ccenter, N, K, n_kt, b, part)
+            _rows_grad_sums_block(dy, x, ccenter, N, K, TW, b, part)
         _merge_sums(part, n_rb, K, 0, K, col_sdy)
         _merge_sums(part + n_rb * K, n_rb, K, 0, K, col_sdyx)
     if S > 1:

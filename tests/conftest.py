@@ -15,7 +15,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 DTYPES = [np.float32, np.float64]
 
 # (shape, axis): every schedule and edge of the blocking (see bncy/_kernels.pyx):
-# rows (S < 32) with row blocks of 256 and column tiles of 256, planes (S >= 32)
+# rows (S < 32) with row blocks of 256 and column tiles of 1024 (256 with threads and
+# few row blocks), planes (S >= 32)
 # with segments of 4096, the smallest legal sizes, 3-D and 5-D, every axis form.
 CASES = [
     ((2, 1), 1),            # M=2, C=1: the smallest training input
