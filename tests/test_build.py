@@ -60,3 +60,31 @@ def test_gil_is_released_during_a_long_call():
         t.join()
     lo, hi = t0 + (t1 - t0) / 3, t0 + 2 * (t1 - t0) / 3
     assert sum(lo <= s <= hi for s in stamps) > 10
+
+
+@pytest.mark.parametrize("cap", ["", "avx2", "baseline"])
+def test_isa_is_the_widest_build_the_cpu_runs_within_the_cap(cap):
+    """BNCY_ISA caps the build; without it the widest build this CPU supports runs."""
+    import subprocess
+    import sys
+
+    code = "import bncy, bncy._api as a; print(bncy.isa(), a._kernels.isa())"
+    env = {**os.environ, "BNCY_ISA": cap}
+    wide, narrow = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                  capture_output=True, text=True).stdout.split()
+    order = ["baseline", "avx2", "avx512"]
+    supported = ["baseline"]
+    if _kernels.cpu_has_avx2() and _has_module("bncy._kernels_avx2"):
+        supported.append("avx2")
+        if _kernels.cpu_has_avx512() and _has_module("bncy._kernels_avx512"):
+            supported.append("avx512")
+    if cap:
+        supported = [s for s in supported if order.index(s) <= order.index(cap)]
+    assert wide == supported[-1]
+    assert narrow == min(supported[-1], "avx2", key=order.index)
+
+
+def _has_module(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
