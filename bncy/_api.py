@@ -89,7 +89,7 @@ def openmp_enabled() -> bool:
 def isa() -> str:
     """The widest instruction set the kernels run on here: 'avx512', 'avx2' or
     'baseline' (AVX-512 for float32 data and arrays that fit in L2, AVX2 for the
-    rest; see the README's Build section)."""
+    rest; see the README's Wheels section)."""
     return _kernels_wide.isa()
 
 
