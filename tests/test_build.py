@@ -63,15 +63,18 @@ def test_gil_is_released_during_a_long_call():
 
 
 @pytest.mark.parametrize("cap", ["", "avx2", "baseline"])
-def test_isa_is_the_widest_build_the_cpu_runs_within_the_cap(cap):
-    """BNCY_ISA caps the build; without it the widest build this CPU supports runs."""
+def test_isa_is_the_widest_build_the_cpu_runs_within_the_cap(cap, tmp_path):
+    """BNCY_ISA caps the build; without it the widest build this CPU supports runs.
+    (The child runs in an empty folder: ``-c`` puts the working directory, perhaps
+    the source tree, first on sys.path.)"""
     import subprocess
     import sys
 
     code = "import bncy, bncy._api as a; print(bncy.isa(), a._kernels.isa())"
     env = {**os.environ, "BNCY_ISA": cap}
     wide, narrow = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                  capture_output=True, text=True).stdout.split()
+                                  cwd=tmp_path, capture_output=True,
+                                  text=True).stdout.split()
     order = ["baseline", "avx2", "avx512"]
     supported = ["baseline"]
     if _kernels.cpu_has_avx2() and _has_module("bncy._kernels_avx2"):
