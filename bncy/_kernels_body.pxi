@@ -39,8 +39,10 @@
 # formula, which is exact for unequal counts. The elementwise passes compute
 # (x - center) in float64 and round once when storing.
 #
-# Reproducibility. Block bounds depend on the shape only, never on the thread
-# count. Each block writes its own row of partial results; after the parallel
+# Reproducibility. The bounds of row blocks and segments depend on the shape
+# only, never on the thread count (column tiles may, see _red_tile and
+# _row_tile, but each column sums the same rows in the same order whatever its
+# tile). Each block writes its own row of partial results; after the parallel
 # region the rows are combined in block order (loops parallel over columns, each
 # column's order fixed). So every output is bitwise identical for any n_threads.
 # prange uses schedule='static'. With one thread the same block functions run in
