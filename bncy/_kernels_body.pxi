@@ -1241,10 +1241,12 @@ def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any s
 # n_threads None or an int >= 1; enough values per channel; out None or a plain
 # writeable array of x's shape and dtype that does not partly overlap the inputs
 # (it may be x or dy itself: the kernels write element i after reading it). For
-# anything else
-# they return None before allocating or writing anything, and bncy._api takes its
-# general path, which raises the error or normalises the layout. Both paths run
-# the same cores (_forward_core, _backward_core), so they return the same bits.
+# anything else they return None before allocating or writing anything, and
+# bncy._api takes its general path, which raises the error or normalises the
+# layout. Both paths run the same cores (_forward_core, _backward_core,
+# _inference_core), so they return the same bits. The C work buffer is taken
+# last, after every check and every allocation that could raise, so it is always
+# freed.
 
 cimport numpy as cnp
 from libc.math cimport isfinite
@@ -1421,19 +1423,8 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
         py = _plain_out(out, x, t)
         if py == NULL:
             return None
-    # gamma, shift, m2, var, scale
-    work = <double*> malloc(5 * C * sizeof(double))
-    if work == NULL:
-        return None
-    if gamma is not None:
-        if _vector_f64(gamma, C, work) < 0:
-            free(work)
-            return None
-        gam = work
-    if beta is None:
-        memset(work + C, 0, C * sizeof(double))
-    elif _vector_f64(beta, C, work + C) < 0:
-        free(work)
+    if ((gamma is not None and _plain_vector(gamma, C) < 0)
+            or (beta is not None and _plain_vector(beta, C) < 0)):
         return None
     if out is None:
         y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
@@ -1446,6 +1437,17 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
     pmean = <double*> cnp.PyArray_DATA(mean)
     pinvstd = <double*> cnp.PyArray_DATA(invstd)
+    # gamma, shift, m2, var, scale (nothing from here on raises: work is freed)
+    work = <double*> malloc(5 * C * sizeof(double))
+    if work == NULL:
+        return None
+    if gamma is not None:
+        _vector_f64(gamma, C, work)
+        gam = work
+    if beta is None:
+        memset(work + C, 0, C * sizeof(double))
+    else:
+        _vector_f64(beta, C, work + C)
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _forward_core(<const float*> px, N, C, S, gam, work + C, e, <float*> py,
@@ -1501,16 +1503,9 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
         pdx = _plain_out(out, x, t)
         if pdx == NULL or _plain_out(out, dy, t) == NULL:
             return None
-    # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work
-    work = <double*> malloc(9 * C * sizeof(double))
-    if work == NULL:
+    if (_plain_vector(mean, C) < 0 or _plain_vector(invstd, C) < 0
+            or (gamma is not None and _plain_vector(gamma, C) < 0)):
         return None
-    if (_vector_f64(mean, C, work) < 0 or _vector_f64(invstd, C, work + C) < 0
-            or (gamma is not None and _vector_f64(gamma, C, work + 2 * C) < 0)):
-        free(work)
-        return None
-    if gamma is not None:
-        gam = work + 2 * C
     if out is None:
         dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
         pdx = cnp.PyArray_DATA(dx)
@@ -1520,6 +1515,16 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
     pdg, pdb = cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
+    # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work (nothing from
+    # here on raises: work is freed)
+    work = <double*> malloc(9 * C * sizeof(double))
+    if work == NULL:
+        return None
+    _vector_f64(mean, C, work)
+    _vector_f64(invstd, C, work + C)
+    if gamma is not None:
+        _vector_f64(gamma, C, work + 2 * C)
+        gam = work + 2 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _backward_core(<const float*> pdy, <const float*> px, N, C, S, work,
@@ -1574,19 +1579,10 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
         py = _plain_out(out, x, t)
         if py == NULL:
             return None
-    # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
-    work = <double*> malloc(6 * C * sizeof(double))
-    if work == NULL:
+    if (_plain_vector(running_mean, C) < 0 or _plain_vector(running_var, C) < 0
+            or (gamma is not None and _plain_vector(gamma, C) < 0)
+            or (beta is not None and _plain_vector(beta, C) < 0)):
         return None
-    if (_vector_f64(running_mean, C, work) < 0 or _vector_f64(running_var, C, work + C) < 0
-            or (gamma is not None and _vector_f64(gamma, C, work + 2 * C) < 0)
-            or (beta is not None and _vector_f64(beta, C, work + 3 * C) < 0)):
-        free(work)
-        return None
-    if gamma is not None:
-        gam = work + 2 * C
-    if beta is not None:
-        bet = work + 3 * C
     if out is None:
         y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
                               cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
@@ -1594,6 +1590,19 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     else:
         y = <cnp.ndarray> out
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
+    # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
+    # (nothing from here on raises: work is freed)
+    work = <double*> malloc(6 * C * sizeof(double))
+    if work == NULL:
+        return None
+    _vector_f64(running_mean, C, work)
+    _vector_f64(running_var, C, work + C)
+    if gamma is not None:
+        _vector_f64(gamma, C, work + 2 * C)
+        gam = work + 2 * C
+    if beta is not None:
+        _vector_f64(beta, C, work + 3 * C)
+        bet = work + 3 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _inference_core(<const float*> px, N, C, S, work, work + C, gam, bet, e,
