@@ -1285,20 +1285,35 @@ cdef int _plain_vector(object v, Py_ssize_t C) noexcept:
     return t
 
 
-cdef int _vector_f64(object v, Py_ssize_t C, double* out) noexcept:
-    # out[0:C] = v in float64, for a plain vector of shape (C,); else -1.
-    cdef int t = _plain_vector(v, C)
+cdef void _copy_f64(object v, Py_ssize_t C, double* out) noexcept:
+    # out[0:C] = v in float64, for a vector _plain_vector(v, C) accepted.
     cdef const float* f
     cdef Py_ssize_t c
-    if t < 0:
-        return -1
-    if t == cnp.NPY_FLOAT64:
+    if cnp.PyArray_TYPE(<cnp.ndarray> v) == cnp.NPY_FLOAT64:
         memcpy(out, cnp.PyArray_DATA(<cnp.ndarray> v), C * sizeof(double))
     else:
         f = <const float*> cnp.PyArray_DATA(<cnp.ndarray> v)
         for c in range(C):
             out[c] = f[c]
-    return 0
+
+
+cdef bint _same_shape(object a, object b) noexcept:
+    # Two ndarrays of the same shape.
+    cdef int i, nd = cnp.PyArray_NDIM(<cnp.ndarray> a)
+    if cnp.PyArray_NDIM(<cnp.ndarray> b) != nd:
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIMS(<cnp.ndarray> a)[i] != cnp.PyArray_DIMS(<cnp.ndarray> b)[i]:
+            return False
+    return True
+
+
+cdef int _fast_eps(object eps, double* e) noexcept:
+    # *e = eps for a float that is finite and >= 0 (0), else -1.
+    if type(eps) is not float:
+        return -1
+    e[0] = eps
+    return 0 if isfinite(e[0]) and e[0] >= 0.0 else -1
 
 
 cdef int _fast_threads(object n_threads, Py_ssize_t size, Py_ssize_t small_work):
@@ -1340,18 +1355,14 @@ cdef void* _plain_out(object out, object x, int t) noexcept:
     # writeable array of x's dtype and shape, not overlapping x unless it is x's
     # very memory (the kernels allow out[i] to be x[i]); else NULL.
     cdef cnp.ndarray o, a = <cnp.ndarray> x
-    cdef int i
     cdef char* po
     cdef char* px
     cdef Py_ssize_t nbytes
     if _plain_type(out) != t:
         return NULL
     o = <cnp.ndarray> out
-    if not cnp.PyArray_ISWRITEABLE(o) or cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(a):
+    if not cnp.PyArray_ISWRITEABLE(o) or not _same_shape(o, a):
         return NULL
-    for i in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIMS(o)[i] != cnp.PyArray_DIMS(a)[i]:
-            return NULL
     po, px = <char*> cnp.PyArray_DATA(o), <char*> cnp.PyArray_DATA(a)
     nbytes = cnp.PyArray_NBYTES(a)
     if po != px and po < px + nbytes and px < po + nbytes:
@@ -1398,10 +1409,7 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     size = N * C * S
     if C < 1 or N * S < 2 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
         return None
-    if type(eps) is not float:
-        return None
-    e = eps
-    if not (isfinite(e) and e >= 0.0):
+    if _fast_eps(eps, &e) < 0:
         return None
     if running_mean is not None or running_var is not None:
         trm = _plain_vector(running_mean, C)
@@ -1442,12 +1450,12 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     if work == NULL:
         return None
     if gamma is not None:
-        _vector_f64(gamma, C, work)
+        _copy_f64(gamma, C, work)
         gam = work
     if beta is None:
         memset(work + C, 0, C * sizeof(double))
     else:
-        _vector_f64(beta, C, work + C)
+        _copy_f64(beta, C, work + C)
     with nogil:
         if t == cnp.NPY_FLOAT32:
             rc = _forward_core(<const float*> px, N, C, S, gam, work + C, e, <float*> py,
@@ -1472,7 +1480,7 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, out=..., n_threads=...) for
     a plain call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written,
     for any other call or a float64 x beyond f64_limit bytes."""
-    cdef int t = _plain_type(x), nt, rc, nd, i
+    cdef int t = _plain_type(x), nt, rc, nd
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size, c
     cdef double* work
@@ -1483,14 +1491,10 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     cdef void* pdg
     cdef void* pdb
     cdef cnp.ndarray dx, dgamma, dbeta
-    if t < 0 or _plain_type(dy) != t or _fast_ncs(x, axis, ncs) < 0:
+    if (t < 0 or _plain_type(dy) != t or not _same_shape(dy, x)
+            or _fast_ncs(x, axis, ncs) < 0):
         return None
     nd = cnp.PyArray_NDIM(<cnp.ndarray> x)
-    if cnp.PyArray_NDIM(<cnp.ndarray> dy) != nd:
-        return None
-    for i in range(nd):
-        if cnp.PyArray_DIMS(<cnp.ndarray> dy)[i] != cnp.PyArray_DIMS(<cnp.ndarray> x)[i]:
-            return None
     N, C, S = ncs[0], ncs[1], ncs[2]
     size = N * C * S
     if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
@@ -1520,10 +1524,10 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     work = <double*> malloc(9 * C * sizeof(double))
     if work == NULL:
         return None
-    _vector_f64(mean, C, work)
-    _vector_f64(invstd, C, work + C)
+    _copy_f64(mean, C, work)
+    _copy_f64(invstd, C, work + C)
     if gamma is not None:
-        _vector_f64(gamma, C, work + 2 * C)
+        _copy_f64(gamma, C, work + 2 * C)
         gam = work + 2 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
@@ -1566,10 +1570,7 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     size = N * C * S
     if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
         return None
-    if type(eps) is not float:
-        return None
-    e = eps
-    if not (isfinite(e) and e >= 0.0):
+    if _fast_eps(eps, &e) < 0:
         return None
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
@@ -1595,13 +1596,13 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     work = <double*> malloc(6 * C * sizeof(double))
     if work == NULL:
         return None
-    _vector_f64(running_mean, C, work)
-    _vector_f64(running_var, C, work + C)
+    _copy_f64(running_mean, C, work)
+    _copy_f64(running_var, C, work + C)
     if gamma is not None:
-        _vector_f64(gamma, C, work + 2 * C)
+        _copy_f64(gamma, C, work + 2 * C)
         gam = work + 2 * C
     if beta is not None:
-        _vector_f64(beta, C, work + 3 * C)
+        _copy_f64(beta, C, work + 3 * C)
         bet = work + 3 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
