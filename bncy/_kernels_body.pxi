@@ -17,17 +17,24 @@
 # Layout. Every array is C-contiguous and seen as ``(N, C, S)``: N = product of
 # the axes before the channel axis, C channels, S = product of the axes after it.
 # (M, D) with axis=1 is (M, D, 1); NCHW with axis=1 is (N, C, H*W); NHWC with
-# axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules:
+# axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules, chosen by
+# the run length S: the statistics take the rows schedule for S < RED_ROWS_MAX_RUN
+# (128), the elementwise passes for S < ROWS_MAX_RUN (32). Runs of 32 to 127
+# values (7x7 to 11x11 feature maps) are too short for the planes statistics,
+# whose per-segment set-up and merge dominated (NCHW (256, 512, 7, 7) float32
+# moments 5.7 ms on planes, 1.4 ms on rows), but long enough for the planes
+# elementwise passes, which need no per-column coefficient vectors.
 #
-# * rows (S < ROWS_MAX_RUN): x is the row-major matrix (N, K = C*S). A block is
+# * rows: x is the row-major matrix (N, K = C*S). A block is
 #   ROW_BLOCK rows x up to COL_TILE columns; the loop over columns is innermost,
 #   with one float64 accumulator per column, so it vectorises without
-#   reassociating any sum (and the column tiling does not change any sum). Block statistics take one pass, shifted by the block's first row.
+#   reassociating any sum (and the column tiling does not change any sum).
+#   Block statistics take one pass, shifted by the block's first row.
 #   Per-channel vectors are expanded to K columns; the S columns of a channel are
 #   merged at the end, in column order. The elementwise passes take whole rows
 #   while the per-column coefficients fit in L1, and groups of 8 (float32) or 4
 #   (float64) rows through chunks of CHUNK columns beyond (see _rows_affine_block).
-# * planes (S >= ROWS_MAX_RUN): each (n, c) is a contiguous run of S values, cut
+# * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
 #
@@ -68,12 +75,13 @@ cdef enum:
     MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     SEG = 4096           # values of a block in the planes schedule
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
+    RED_ROWS_MAX_RUN = 128  # ... and for the statistics, runs shorter than this
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
     NACC = 16            # interleaved accumulators along a contiguous run
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
-            "ROWS_MAX_RUN": ROWS_MAX_RUN}
+            "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
 
 
 cdef extern from *:
@@ -544,7 +552,7 @@ def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
     """Per-channel mean and sum of squared deviations (M2) of x over axes 0, 2."""
     cdef int rc
     with nogil:
-        if x.shape[2] < ROWS_MAX_RUN:
+        if x.shape[2] < RED_ROWS_MAX_RUN:
             rc = _moments_rows(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
                                &mean_out[0], &m2_out[0], n_threads)
         else:
@@ -662,7 +670,7 @@ def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
     """Per-channel sums of dy and dy * (x - center) over axes 0 and 2."""
     cdef int rc
     with nogil:
-        if x.shape[2] < ROWS_MAX_RUN:
+        if x.shape[2] < RED_ROWS_MAX_RUN:
             rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
                                  x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
                                  n_threads)
@@ -1020,7 +1028,7 @@ cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     # Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
     suspicious[0] = 0
-    if S < ROWS_MAX_RUN:
+    if S < RED_ROWS_MAX_RUN:
         rc = _moments_rows(x, N, C, S, mean_out, m2_out, n_threads)
     else:
         rc = _moments_planes(x, N, C, S, mean_out, m2_out, n_threads)
@@ -1109,7 +1117,7 @@ cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_
     # grad_sums, backward_coefficients, grad_input; gamma may be NULL (ones), work
     # holds 4 * C doubles. Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
-    if S < ROWS_MAX_RUN:
+    if S < RED_ROWS_MAX_RUN:
         rc = _grad_sums_rows(dy, x, mean, N, C, S, sdy_out, work, n_threads)
     else:
         rc = _grad_sums_planes(dy, x, mean, N, C, S, sdy_out, work, n_threads)

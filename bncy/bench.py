@@ -81,9 +81,9 @@ def bound_seconds(op: str, nbytes: int, bw: dict) -> float:
 
 
 def _torch_tensors(torch, x, dy, axis):
-    if axis == -1:   # the NCHW view of NHWC memory: torch's channels_last
-        return (torch.from_numpy(x).permute(0, 3, 1, 2),
-                torch.from_numpy(dy).permute(0, 3, 1, 2))
+    if axis == -1 and x.ndim > 2:   # the NCHW view of NHWC memory: channels_last
+        perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
+        return torch.from_numpy(x).permute(*perm), torch.from_numpy(dy).permute(*perm)
     return torch.from_numpy(x), torch.from_numpy(dy)
 
 
@@ -260,6 +260,25 @@ def plot(rows, bws, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_shape(spec: str):
+    """'256x512x7x7' or '256x7x7x512:-1' as a (label, shape, axis) case of the
+    matrix: the channel axis is 1 (NCHW, (M, D)) or, after the colon, -1 (channels
+    last), the two layouts torch's kernels take."""
+    dims, _, ax = spec.partition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        axis = int(ax) if ax else 1
+    except ValueError:
+        raise ValueError(f"bad shape {spec!r}: expected e.g. 256x512x7x7 or "
+                         "256x7x7x512:-1") from None
+    if len(shape) < 2 or min(shape) < 1 or axis not in (1, -1):
+        raise ValueError(f"bad shape {spec!r}: at least 2 positive sizes; axis 1 or -1")
+    if axis == -1 and len(shape) == 2:
+        axis = 1
+    label = str(shape) + (" axis=-1" if axis == -1 else "")
+    return label, shape, axis
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bncy.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,12 +294,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", action="store_true",
                    help="bncy and torch write into preallocated outputs (out=, .out): "
                         "the kernels without the cost of fresh output pages")
+    p.add_argument("--shape", action="append", metavar="AxBxC[:AXIS]",
+                   help="a case to run instead of the default matrix (repeatable), e.g. "
+                        "256x512x7x7 or 256x7x7x512:-1 (channel axis 1 unless given)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = [np.dtype(d) for d in args.dtypes.split(",")]
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shape:
+        try:
+            shapes = [parse_shape(q) for q in args.shape]
+        except ValueError as e:
+            p.error(str(e))
     repeats = 5 if args.quick else args.repeats
     budget = 0.3 if args.quick else args.budget
     peers = [q for q in args.peers.split(",") if q]

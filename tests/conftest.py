@@ -14,9 +14,9 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 DTYPES = [np.float32, np.float64]
 
-# (shape, axis): every schedule and edge of the blocking (see bncy/_kernels.pyx):
-# rows (S < 32) with row blocks of 256 and column tiles of 1024 (256 with threads and
-# few row blocks), planes (S >= 32)
+# (shape, axis): every schedule and edge of the blocking (see bncy/_kernels_body.pxi):
+# rows (statistics for S < 128, elementwise passes for S < 32) with row blocks of 256
+# and column tiles of 1024 (256 with threads and few row blocks), planes (the rest)
 # with segments of 4096, the smallest legal sizes, 3-D and 5-D, every axis form.
 CASES = [
     ((2, 1), 1),            # M=2, C=1: the smallest training input
@@ -28,7 +28,9 @@ CASES = [
                             # columns, with row and column remainders
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
-    ((3, 5, 6, 7), 1),      # NCHW, S=42 (planes schedule, one segment)
+    ((3, 5, 6, 7), 1),      # NCHW, S=42 (rows statistics, planes elementwise)
+    ((2, 3, 127), 1),       # the last run length with rows statistics
+    ((3, 2, 2, 64), 1),     # S=128: the first with planes statistics (one segment)
     ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
     ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
     ((3, 4, 5), 0),         # channel axis first

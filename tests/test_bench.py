@@ -32,6 +32,27 @@ def test_bound_counts_the_passes():
     assert bench.bound_seconds("forward", small, bw) == pytest.approx(2 * small / 1e10)
 
 
+def test_shape_option_parses_cases_and_refuses_bad_ones(capsys):
+    assert bench.parse_shape("256x512x7x7") == ("(256, 512, 7, 7)", (256, 512, 7, 7), 1)
+    assert bench.parse_shape("4x5x6x3:-1") == ("(4, 5, 6, 3) axis=-1", (4, 5, 6, 3), -1)
+    assert bench.parse_shape("64X8:-1")[1:] == ((64, 8), 1)
+    for bad in ("", "8", "8x0", "8xa", "8x3:2", "8x3:x"):
+        with pytest.raises(ValueError, match="bad shape"):
+            bench.parse_shape(bad)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shape", "8x3:2"])
+    assert e.value.code == 2 and "axis 1 or -1" in capsys.readouterr().err
+
+
+def test_custom_channels_last_case_runs_with_torch():
+    case = bench.parse_shape("2x3x4x5x6:-1")   # 5-D channels last
+    rows, _ = bench.run([1], [case], [np.dtype(np.float32)], repeats=3, budget=0.05,
+                        with_reference=False, progress=False, bandwidth_bytes=4 << 20)
+    assert [r["op"] for r in rows] == list(bench.OPS)
+    assert all(r["bncy_s"] > 0 for r in rows)
+    assert all(r["torch_s"] is None or r["torch_s"] > 0 for r in rows)
+
+
 def test_unknown_peer_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", "--peers", "mkldnn,bogus"])
