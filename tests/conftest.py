@@ -33,6 +33,9 @@ CASES = [
     ((3, 2, 2, 64), 1),     # S=128: the first with planes statistics (one segment)
     ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
     ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
+    ((40, 6, 6, 3), -1),    # narrow rows (K=3): affine 85 rows at a time, 80 left over;
+                            # grad_input 42 at a time, 12 left over
+    ((500, 3, 5), 1),       # narrow rows with S=5 (K=15), 17 and 8 rows at a time
     ((3, 4, 5), 0),         # channel axis first
     ((4, 3, 5, 2), 2),      # a middle axis
     ((2, 3, 2, 3, 4), 1),   # 5-D
