@@ -10,12 +10,16 @@ import timeit
 
 import numpy as np
 
-# (name, shape, channel axis): 2-D, NCHW and NHWC, small and large
+# (name, shape, channel axis): 2-D, NCHW and NHWC, small and large, and the two
+# edges of the schedules: 7x7 maps (runs of 49 values: rows statistics, planes
+# elementwise passes) and 3 channels last (narrow rows)
 LAYOUTS = {
     "MxD-small": ((64, 256), 1),
     "MxD-large": ((8192, 1024), 1),
     "NCHW": ((16, 64, 32, 32), 1),
     "NHWC": ((16, 32, 32, 64), -1),
+    "NCHW-7x7": ((64, 256, 7, 7), 1),
+    "NHWC-C3": ((32, 112, 112, 3), -1),
 }
 DTYPES = ["float32", "float64"]
 THREADS = [1, 2]
