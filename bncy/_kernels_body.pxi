@@ -82,6 +82,7 @@ cdef enum:
     NACC = 16            # interleaved accumulators along a contiguous run
     FLAT_ROW = 256       # narrow rows go through the affine pass this wide
     FLAT_ROW_GRAD = 128  # ... and through grad_input (five coefficient vectors)
+    FLAT_MAX_K = 16      # ... when they are narrower than this
     PAD = 24             # doubles between expanded coefficient vectors: vectors
                          # 4 KiB apart alias in L1 (grad_input 1.8x slower)
 
@@ -458,12 +459,14 @@ cdef inline Py_ssize_t _flat_rows(Py_ssize_t N, Py_ssize_t K, Py_ssize_t width) 
     # R * K <= width columns (R >= 1), with the coefficient vectors repeated R
     # times: narrow rows (NHWC with few channels) left the vector loop after a
     # few values. In-process A/B, float32, 1 thread: K = 3 (NHWC (64, 224, 224,
-    # 3)) affine 7.6 -> 1.9 ms and grad_input 11.7 -> 3.2 ms; K = 32 1.15x and
-    # 1.27x, K = 64 in cache 1.1x; wider groups (512 columns, 5 vectors of
-    # grad_input beyond 128) were slower. The values and the operation on each
-    # are the same; only the loop bounds change.
+    # 3)) affine 7.6 -> 1.9 ms and grad_input 11.7 -> 3.2 ms; wider groups (512
+    # columns, 5 vectors of grad_input beyond 128) were slower. From K = 16 on
+    # the gain was within the noise, and public calls on NHWC (32, 56, 56, 64)
+    # lost 10-40% (inference, backward, float64), hence only K < FLAT_MAX_K.
+    # The values and the operation on each are the same; only the loop bounds
+    # change.
     cdef Py_ssize_t R = width // K
-    if R < 2 or N < 2 * R:
+    if K >= FLAT_MAX_K or N < 2 * R:
         return 1
     return R
 
