@@ -34,7 +34,9 @@
 #   merged at the end, in column order. The elementwise passes take whole rows
 #   while the per-column coefficients fit in L1, and groups of 8 (float32) or 4
 #   (float64) rows through chunks of CHUNK columns beyond (see _rows_affine_block);
-#   narrow rows go R at a time as one row of R*K columns (see _flat_rows).
+#   narrow rows (K < 16) go R at a time as one row of R*K columns (see
+#   _flat_rows); their statistics likewise, each column then merged from its R
+#   copies in a fixed order (see _moments_rows_narrow).
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
@@ -83,6 +85,7 @@ cdef enum:
     FLAT_ROW = 256       # narrow rows go through the affine pass this wide
     FLAT_ROW_GRAD = 128  # ... and through grad_input (five coefficient vectors)
     FLAT_MAX_K = 16      # ... when they are narrower than this
+    FLAT_RED = 256       # ... and through the statistics this wide
     PAD = 24             # doubles between expanded coefficient vectors: vectors
                          # 4 KiB apart alias in L1 (grad_input 1.8x slower)
 
@@ -497,7 +500,7 @@ cdef inline void _rows_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t
                        part + br * K, part + (n_rb + br) * K)
 
 
-cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef int _moments_rows_wide(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        double* mean_out, double* m2_out, int n_threads) noexcept nogil:
     # Blocks: ROW_BLOCK rows x TW columns of (N, K), row-block-major, so a
     # thread's consecutive blocks are neighbours in memory. Partial row br holds
@@ -535,6 +538,77 @@ cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
         free(cols)
     free(part)
     return 0
+
+
+cdef inline Py_ssize_t _flat_red(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
+    # Rows of K < FLAT_MAX_K columns that the rows statistics take R at a time as
+    # one row of R * K <= FLAT_RED columns (1: as they are). See _moments_rows.
+    cdef Py_ssize_t R = FLAT_RED // K
+    if K >= FLAT_MAX_K or N < 2 * R:
+        return 1
+    return R
+
+
+cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                              Py_ssize_t R, double* mean_out, double* m2_out,
+                              int n_threads) noexcept nogil:
+    # The (N // R, R * K) matrix of R rows at a time on the wide schedule: column
+    # r * K + k holds the moments of rows r, r + R, r + 2R, ... of column k. Each
+    # column k is then merged from its R copies in order r = 0, 1, ..., R - 1
+    # (Chan, N // R values each) and the N % R rows left over, and the S columns
+    # of a channel as in _moments_rows_wide. A fixed order, whatever n_threads.
+    cdef Py_ssize_t K = C * S, NR = N // R, KR = K * R, rest = N - NR * R, k, r
+    cdef double na, nb, wb, wab, delta, m, q
+    cdef int rc
+    cdef double* buf = <double*> malloc((2 * KR + 4 * K) * sizeof(double))
+    cdef double* vmean = buf
+    cdef double* vm2 = buf + KR
+    cdef double* cmean = buf + 2 * KR
+    cdef double* cm2 = buf + 2 * KR + K
+    cdef double* rmean = buf + 2 * KR + 2 * K
+    cdef double* rm2 = buf + 2 * KR + 3 * K
+    if buf == NULL:
+        return -1
+    rc = _moments_rows_wide(x, NR, KR, 1, vmean, vm2, n_threads)
+    if rc == 0 and rest > 0:
+        rc = _moments_rows_wide(x + NR * KR, rest, K, 1, rmean, rm2, 1)
+    if rc != 0:
+        free(buf)
+        return rc
+    for k in range(K):
+        m = vmean[k]
+        q = vm2[k]
+        na = <double> NR
+        for r in range(1, R + (rest > 0)):
+            if r < R:
+                nb = <double> NR
+                delta = vmean[r * K + k] - m
+                q = q + vm2[r * K + k]
+            else:
+                nb = <double> rest
+                delta = rmean[k] - m
+                q = q + rm2[k]
+            wb = nb / (na + nb)
+            wab = na * wb
+            m = m + delta * wb
+            q = q + delta * delta * wab
+            na = na + nb
+        cmean[k] = m
+        cm2[k] = q
+    _merge_group_moments(cmean, cm2, C, S, <double> N, mean_out, m2_out)
+    free(buf)
+    return 0
+
+
+cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       double* mean_out, double* m2_out, int n_threads) noexcept nogil:
+    # Narrow rows (NHWC with few channels, (M, D) with small D) R at a time (see
+    # _flat_rows, _moments_rows_narrow): rows of 3 values ran the blocks at a
+    # quarter of the speed of wide rows. Others as they are.
+    cdef Py_ssize_t R = _flat_red(N, C * S)
+    if R > 1:
+        return _moments_rows_narrow(x, N, C, S, R, mean_out, m2_out, n_threads)
+    return _moments_rows_wide(x, N, C, S, mean_out, m2_out, n_threads)
 
 
 cdef inline void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
@@ -611,7 +685,7 @@ cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
                          part + br * K, part + (n_rb + br) * K)
 
 
-cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
+cdef int _grad_sums_rows_wide(const floating* dy, const floating* x, const double* center,
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
     # Blocks as in _moments_rows; partial sums merged in row-block order.
@@ -652,6 +726,62 @@ cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* ce
         free(cols)
     free(part)
     return 0
+
+
+cdef int _grad_sums_rows_narrow(const floating* dy, const floating* x,
+                                const double* center, Py_ssize_t N, Py_ssize_t C,
+                                Py_ssize_t S, Py_ssize_t R, double* sdy_out,
+                                double* sdyx_out, int n_threads) noexcept nogil:
+    # As _moments_rows_narrow: the sums of the (N // R, R * K) matrix, each column
+    # k then summed from its R copies in order and the N % R rows left over,
+    # then the S columns of a channel.
+    cdef Py_ssize_t K = C * S, NR = N // R, KR = K * R, rest = N - NR * R, k, r
+    cdef Py_ssize_t off = NR * KR
+    cdef double a, b
+    cdef int rc
+    cdef double* buf = <double*> malloc((3 * KR + 4 * K) * sizeof(double))
+    cdef double* vcenter = buf
+    cdef double* vsdy = buf + KR
+    cdef double* vsdyx = buf + 2 * KR
+    cdef double* csdy = buf + 3 * KR
+    cdef double* csdyx = buf + 3 * KR + K
+    cdef double* rsdy = buf + 3 * KR + 2 * K
+    cdef double* rsdyx = buf + 3 * KR + 3 * K
+    if buf == NULL:
+        return -1
+    _expand_tiled(center, C, S, R, vcenter)
+    rc = _grad_sums_rows_wide(dy, x, vcenter, NR, KR, 1, vsdy, vsdyx, n_threads)
+    if rc == 0 and rest > 0:
+        rc = _grad_sums_rows_wide(dy + off, x + off, vcenter, rest, K, 1, rsdy, rsdyx, 1)
+    if rc != 0:
+        free(buf)
+        return rc
+    for k in range(K):
+        a = vsdy[k]
+        b = vsdyx[k]
+        for r in range(1, R):
+            a = a + vsdy[r * K + k]
+            b = b + vsdyx[r * K + k]
+        if rest > 0:
+            a = a + rsdy[k]
+            b = b + rsdyx[k]
+        csdy[k] = a
+        csdyx[k] = b
+    _merge_group_sums(csdy, C, S, sdy_out)
+    _merge_group_sums(csdyx, C, S, sdyx_out)
+    free(buf)
+    return 0
+
+
+cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
+                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
+    # Narrow rows R at a time (see _moments_rows), others as they are.
+    cdef Py_ssize_t R = _flat_red(N, C * S)
+    if R > 1:
+        return _grad_sums_rows_narrow(dy, x, center, N, C, S, R, sdy_out, sdyx_out,
+                                      n_threads)
+    return _grad_sums_rows_wide(dy, x, center, N, C, S, sdy_out, sdyx_out, n_threads)
 
 
 cdef inline void _planes_grad_sums_block(const floating* dy, const floating* x,

@@ -19,6 +19,10 @@ DET_CASES = [
     ((6, 5, 33, 33), 1),     # planes
     ((2, 3, 9000), 1),       # planes, several segments per run
     ((5, 9, 9, 16), -1),     # channels-last
+    ((10, 20, 20, 3), -1),   # narrow rows (K=3): statistics and elementwise passes take
+                             # rows 85 at a time, 5 rows left over
+    ((2000, 3, 4), 1),       # narrow rows with S=4 (K=12)
+    ((8, 64, 7, 7), 1),      # runs of 49: rows statistics, planes elementwise passes
 ]
 
 
@@ -57,13 +61,22 @@ def test_float32_offset_data_within_1e5_of_float64_truth(rng):
     assert np.max(np.abs(dx - truth_dx)) < 1e-5
 
 
-@pytest.mark.parametrize("layout", ["rows", "planes"])
+@pytest.mark.parametrize("layout", ["rows", "planes", "narrow", "7x7"])
 def test_float32_offset_data_nchw_and_rows(layout, rng):
-    shape = (64, 4, 32, 32) if layout == "planes" else (4096, 4, 3)
+    shape, axis = {"planes": ((64, 4, 32, 32), 1), "rows": ((4096, 4, 3), 1),
+                   "narrow": ((64, 32, 32, 3), -1), "7x7": ((512, 4, 7, 7), 1)}[layout]
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    y, _, _ = bncy.forward(x)
-    truth = reference.forward(x.astype(np.float64))[0]
+    y, mean, invstd = bncy.forward(x, axis=axis)
+    truth, truth_m, truth_s = reference.forward(x.astype(np.float64), axis=axis)
     assert np.max(np.abs(y - truth)) < 1e-5
+    assert_allclose(invstd, truth_s, rtol=1e-10)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dg, db = bncy.backward(dy, x, mean, invstd, axis=axis)
+    tdx, tdg, tdb = reference.backward(dy.astype(np.float64), x.astype(np.float64),
+                                       truth_m, truth_s, axis=axis)
+    assert np.max(np.abs(dx - tdx)) < 1e-5
+    assert_allclose(dg, tdg, rtol=1e-6, atol=1e-6)   # float32 outputs, rounded once
+    assert_allclose(db, tdb, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,7 +123,7 @@ def _builds():
 
 
 @pytest.mark.parametrize("shape", [(300, 37, 1), (20, 7, 5), (3, 4, 5000), (70, 1301, 1),
-                                   (64, 256, 1), (5, 3, 37)])
+                                   (64, 256, 1), (5, 3, 37), (2000, 3, 1), (700, 3, 4)])
 def test_every_build_agrees_bitwise(shape, rng):
     """The builds of the kernels run the same operations in the same order, with
     different vector widths (and different loop remainders)."""
