@@ -19,7 +19,8 @@
 # (M, D) with axis=1 is (M, D, 1); NCHW with axis=1 is (N, C, H*W); NHWC with
 # axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules, chosen by
 # the run length S: the statistics take the rows schedule for S < RED_ROWS_MAX_RUN
-# (128), the elementwise passes for S < ROWS_MAX_RUN (32). Runs of 32 to 127
+# (128; float64's backward sums for S < 32, see _grad_sums_on_rows), the
+# elementwise passes for S < ROWS_MAX_RUN (32). Runs of 32 to 127
 # values (7x7 to 11x11 feature maps) are too short for the planes statistics,
 # whose per-segment set-up and merge dominated (NCHW (256, 512, 7, 7) float32
 # moments 5.7 ms on planes, 1.4 ms on rows), but long enough for the planes
@@ -728,6 +729,16 @@ cdef int _grad_sums_rows_wide(const floating* dy, const floating* x, const doubl
     return 0
 
 
+cdef inline bint _grad_sums_on_rows(const floating* x, Py_ssize_t S) noexcept nogil:
+    # The backward sums of float32 take the rows schedule up to RED_ROWS_MAX_RUN
+    # like the moments; float64's stay on planes from ROWS_MAX_RUN on: their rows
+    # sums were slower for runs of 64 (0.75 -> 0.97 ms, (512, 64, 64)) and at 2
+    # threads for runs of 49 (2.4 -> 2.7 ms, (256, 512, 49)).
+    if floating is float:
+        return S < RED_ROWS_MAX_RUN
+    return S < ROWS_MAX_RUN
+
+
 cdef int _grad_sums_rows_narrow(const floating* dy, const floating* x,
                                 const double* center, Py_ssize_t N, Py_ssize_t C,
                                 Py_ssize_t S, Py_ssize_t R, double* sdy_out,
@@ -833,7 +844,7 @@ def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
     """Per-channel sums of dy and dy * (x - center) over axes 0 and 2."""
     cdef int rc
     with nogil:
-        if x.shape[2] < RED_ROWS_MAX_RUN:
+        if _grad_sums_on_rows(&x[0, 0, 0], x.shape[2]):
             rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
                                  x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
                                  n_threads)
@@ -1288,7 +1299,7 @@ cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_
     # grad_sums, backward_coefficients, grad_input; gamma may be NULL (ones), work
     # holds 4 * C doubles. Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
-    if S < RED_ROWS_MAX_RUN:
+    if _grad_sums_on_rows(x, S):
         rc = _grad_sums_rows(dy, x, mean, N, C, S, sdy_out, work, n_threads)
     else:
         rc = _grad_sums_planes(dy, x, mean, N, C, S, sdy_out, work, n_threads)

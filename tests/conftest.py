@@ -29,7 +29,8 @@ CASES = [
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
     ((3, 5, 6, 7), 1),      # NCHW, S=42 (rows statistics, planes elementwise)
-    ((2, 3, 127), 1),       # the last run length with rows statistics
+    ((2, 3, 127), 1),       # the last run length with rows statistics (float64 backward
+                            # sums: planes from 32 on)
     ((3, 2, 2, 64), 1),     # S=128: the first with planes statistics (one segment)
     ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
     ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
