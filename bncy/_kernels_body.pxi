@@ -18,9 +18,10 @@
 # the axes before the channel axis, C channels, S = product of the axes after it.
 # (M, D) with axis=1 is (M, D, 1); NCHW with axis=1 is (N, C, H*W); NHWC with
 # axis=-1 is (N*H*W, C, 1). No layout is transposed. Two schedules, chosen by
-# the run length S: the statistics take the rows schedule for S < RED_ROWS_MAX_RUN
-# (128; float64's backward sums for S < 32, see _grad_sums_on_rows), the
-# elementwise passes for S < ROWS_MAX_RUN (32). Runs of 32 to 127
+# the run length S: the elementwise passes take the rows schedule for S <
+# ROWS_MAX_RUN (32), the statistics also for longer runs when N >= S / 8 (float32
+# moments S < 256, float32 backward sums and float64 moments S < 128, float64
+# backward sums never; see _moments_on_rows, _grad_sums_on_rows). Runs of 32 to 127
 # values (7x7 to 11x11 feature maps) are too short for the planes statistics,
 # whose per-segment set-up and merge dominated (NCHW (256, 512, 7, 7) float32
 # moments 5.7 ms on planes, 1.4 ms on rows), but long enough for the planes
@@ -541,6 +542,25 @@ cdef int _moments_rows_wide(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ss
     return 0
 
 
+cdef inline bint _short_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t limit) noexcept nogil:
+    # Runs of ROWS_MAX_RUN to limit - 1 values take the rows statistics when there
+    # are enough of them: the rows merge of a channel's S columns costs S Chan
+    # steps, the planes one N, and with few images (N < S / 8) planes stayed
+    # faster ((4, 64, 8, 8) float32 forward 8 -> 13 us on rows).
+    return S < ROWS_MAX_RUN or (S < limit and S <= 8 * N)
+
+
+cdef inline bint _moments_on_rows(const floating* x, Py_ssize_t N,
+                                  Py_ssize_t S) noexcept nogil:
+    # Which schedule the statistics take (see the Design block): float32 runs of
+    # up to 255 values on rows (NCHW 14x14 float32 forward 1.14x-2x faster in an
+    # in-process A/B), float64 up to 127 (float64 planes moments were faster on
+    # runs of 196: 2.0 ms against 2.4).
+    if floating is float:
+        return _short_runs(N, S, 2 * RED_ROWS_MAX_RUN)
+    return _short_runs(N, S, RED_ROWS_MAX_RUN)
+
+
 cdef inline Py_ssize_t _flat_red(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
     # Rows of K < FLAT_MAX_K columns that the rows statistics take R at a time as
     # one row of R * K <= FLAT_RED columns (1: as they are). See _moments_rows.
@@ -660,7 +680,7 @@ def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
     """Per-channel mean and sum of squared deviations (M2) of x over axes 0, 2."""
     cdef int rc
     with nogil:
-        if x.shape[2] < RED_ROWS_MAX_RUN:
+        if _moments_on_rows(&x[0, 0, 0], x.shape[0], x.shape[2]):
             rc = _moments_rows(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
                                &mean_out[0], &m2_out[0], n_threads)
         else:
@@ -729,13 +749,15 @@ cdef int _grad_sums_rows_wide(const floating* dy, const floating* x, const doubl
     return 0
 
 
-cdef inline bint _grad_sums_on_rows(const floating* x, Py_ssize_t S) noexcept nogil:
-    # The backward sums of float32 take the rows schedule up to RED_ROWS_MAX_RUN
-    # like the moments; float64's stay on planes from ROWS_MAX_RUN on: their rows
-    # sums were slower for runs of 64 (0.75 -> 0.97 ms, (512, 64, 64)) and at 2
-    # threads for runs of 49 (2.4 -> 2.7 ms, (256, 512, 49)).
+cdef inline bint _grad_sums_on_rows(const floating* x, Py_ssize_t N,
+                                    Py_ssize_t S) noexcept nogil:
+    # The backward sums of float32 take the rows schedule for runs of up to 127
+    # values (rows were slower on runs of 196: 1.7 -> 2.2 ms, (128, 256, 196));
+    # float64's stay on planes from ROWS_MAX_RUN on: their rows sums were slower
+    # for runs of 64 (0.75 -> 0.97 ms, (512, 64, 64)) and at 2 threads for runs
+    # of 49 (2.4 -> 2.7 ms, (256, 512, 49)).
     if floating is float:
-        return S < RED_ROWS_MAX_RUN
+        return _short_runs(N, S, RED_ROWS_MAX_RUN)
     return S < ROWS_MAX_RUN
 
 
@@ -844,7 +866,7 @@ def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
     """Per-channel sums of dy and dy * (x - center) over axes 0 and 2."""
     cdef int rc
     with nogil:
-        if _grad_sums_on_rows(&x[0, 0, 0], x.shape[2]):
+        if _grad_sums_on_rows(&x[0, 0, 0], x.shape[0], x.shape[2]):
             rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
                                  x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
                                  n_threads)
@@ -1210,7 +1232,7 @@ cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     # Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
     suspicious[0] = 0
-    if S < RED_ROWS_MAX_RUN:
+    if _moments_on_rows(x, N, S):
         rc = _moments_rows(x, N, C, S, mean_out, m2_out, n_threads)
     else:
         rc = _moments_planes(x, N, C, S, mean_out, m2_out, n_threads)
@@ -1299,7 +1321,7 @@ cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_
     # grad_sums, backward_coefficients, grad_input; gamma may be NULL (ones), work
     # holds 4 * C doubles. Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
-    if _grad_sums_on_rows(x, S):
+    if _grad_sums_on_rows(x, N, S):
         rc = _grad_sums_rows(dy, x, mean, N, C, S, sdy_out, work, n_threads)
     else:
         rc = _grad_sums_planes(dy, x, mean, N, C, S, sdy_out, work, n_threads)

@@ -15,9 +15,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 DTYPES = [np.float32, np.float64]
 
 # (shape, axis): every schedule and edge of the blocking (see bncy/_kernels_body.pxi):
-# rows (statistics for S < 128, elementwise passes for S < 32) with row blocks of 256
-# and column tiles of 1024 (256 with threads and few row blocks), planes (the rest)
-# with segments of 4096, the smallest legal sizes, 3-D and 5-D, every axis form.
+# rows (elementwise passes for S < 32; statistics also for longer runs when N >= S/8:
+# float32 moments S < 256, float32 backward sums and float64 moments S < 128) with row
+# blocks of 256 and column tiles of 1024 (256 with threads and few row blocks), planes
+# (the rest) with segments of 4096, narrow rows (K < 16) R at a time, the smallest
+# legal sizes, 3-D and 5-D, every axis form.
 CASES = [
     ((2, 1), 1),            # M=2, C=1: the smallest training input
     ((2, 3), 1),
@@ -28,10 +30,13 @@ CASES = [
                             # columns, with row and column remainders
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
-    ((3, 5, 6, 7), 1),      # NCHW, S=42 (rows statistics, planes elementwise)
-    ((2, 3, 127), 1),       # the last run length with rows statistics (float64 backward
-                            # sums: planes from 32 on)
-    ((3, 2, 2, 64), 1),     # S=128: the first with planes statistics (one segment)
+    ((3, 5, 6, 7), 1),      # NCHW, S=42, N < S/8: planes (one segment)
+    ((8, 5, 6, 7), 1),      # S=42, N >= S/8: rows statistics, planes elementwise
+    ((32, 3, 127), 1),      # the last run length with rows statistics for float64
+                            # moments and float32 backward sums
+    ((20, 2, 2, 64), 1),    # S=128: planes for those, rows for float32 moments
+    ((40, 2, 255), 1),      # the last run length with rows float32 moments
+    ((40, 2, 256), 1),      # S=256: planes statistics everywhere
     ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
     ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
     ((40, 6, 6, 3), -1),    # narrow rows (K=3): affine 85 rows at a time, 80 left over;
