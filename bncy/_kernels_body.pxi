@@ -80,7 +80,7 @@ cdef enum:
     MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     SEG = 4096           # values of a block in the planes schedule
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
-    RED_ROWS_MAX_RUN = 128  # ... and for the statistics, runs shorter than this
+    RED_ROWS_MAX_RUN = 128  # statistics of shorter runs may take it too (_short_runs)
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
     NACC = 16            # interleaved accumulators along a contiguous run
