@@ -21,7 +21,7 @@
 # the run length S: the elementwise passes take the rows schedule for S <
 # ROWS_MAX_RUN (32), the statistics also for longer runs when N >= S / 8 (float32
 # moments S < 256, float32 backward sums and float64 moments S < 128, float64
-# backward sums never; see _moments_on_rows, _grad_sums_on_rows). Runs of 32 to 127
+# backward sums never; see _moments, _grad_sums). Runs of 32 to 127
 # values (7x7 to 11x11 feature maps) are too short for the planes statistics,
 # whose per-segment set-up and merge dominated (NCHW (256, 512, 7, 7) float32
 # moments 5.7 ms on planes, 1.4 ms on rows), but long enough for the planes
@@ -80,7 +80,7 @@ cdef enum:
     MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     SEG = 4096           # values of a block in the planes schedule
     ROWS_MAX_RUN = 32    # runs shorter than this use the rows schedule
-    RED_ROWS_MAX_RUN = 128  # statistics of shorter runs may take it too (_short_runs)
+    RED_ROWS_MAX_RUN = 128  # statistics of shorter runs may take it too (_moments)
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     COEF_L1 = 24576      # bytes of per-column coefficients that stay in L1
     NACC = 16            # interleaved accumulators along a contiguous run
@@ -417,24 +417,29 @@ cdef inline void _merge_sums(const double* part, Py_ssize_t J, Py_ssize_t W,
             out[k] += row[k]
 
 
+cdef inline void _chan(double* mean, double* m2, double* n, double mean_b, double m2_b,
+                       double n_b) noexcept nogil:
+    # Chan et al.: (mean, m2) of n values absorbs (mean_b, m2_b) of n_b values.
+    # The same operations, in the same order, as _merge_moments.
+    cdef double wb = n_b / (n[0] + n_b), wab = n[0] * wb, delta = mean_b - mean[0]
+    mean[0] = mean[0] + delta * wb
+    m2[0] = m2[0] + m2_b + delta * delta * wab
+    n[0] = n[0] + n_b
+
+
 cdef void _merge_group_moments(const double* cmean, const double* cm2, Py_ssize_t C,
                                Py_ssize_t S, double count, double* mean_out,
                                double* m2_out) noexcept nogil:
     # Columns c*S .. c*S+S-1 (count values each) into channel c, in column order.
     cdef Py_ssize_t c, s, k
-    cdef double mean, m2, na, wb, wab, delta
+    cdef double mean, m2, na
     for c in range(C):
         k = c * S
         mean = cmean[k]
         m2 = cm2[k]
         na = count
         for s in range(1, S):
-            wb = count / (na + count)
-            wab = na * wb
-            delta = cmean[k + s] - mean
-            mean = mean + delta * wb
-            m2 = m2 + cm2[k + s] + delta * delta * wab
-            na = na + count
+            _chan(&mean, &m2, &na, cmean[k + s], cm2[k + s], count)
         mean_out[c] = mean
         m2_out[c] = m2
 
@@ -502,7 +507,7 @@ cdef inline void _rows_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t
                        part + br * K, part + (n_rb + br) * K)
 
 
-cdef int _moments_rows_wide(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        double* mean_out, double* m2_out, int n_threads) noexcept nogil:
     # Blocks: ROW_BLOCK rows x TW columns of (N, K), row-block-major, so a
     # thread's consecutive blocks are neighbours in memory. Partial row br holds
@@ -542,34 +547,6 @@ cdef int _moments_rows_wide(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ss
     return 0
 
 
-cdef inline bint _short_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t limit) noexcept nogil:
-    # Runs of ROWS_MAX_RUN to limit - 1 values take the rows statistics when there
-    # are enough of them: the rows merge of a channel's S columns costs S Chan
-    # steps, the planes one N, and with few images (N < S / 8) planes stayed
-    # faster ((4, 64, 8, 8) float32 forward 8 -> 13 us on rows).
-    return S < ROWS_MAX_RUN or (S < limit and S <= 8 * N)
-
-
-cdef inline bint _moments_on_rows(const floating* x, Py_ssize_t N,
-                                  Py_ssize_t S) noexcept nogil:
-    # Which schedule the statistics take (see the Design block): float32 runs of
-    # up to 255 values on rows (NCHW 14x14 float32 forward 1.14x-2x faster in an
-    # in-process A/B), float64 up to 127 (float64 planes moments were faster on
-    # runs of 196: 2.0 ms against 2.4).
-    if floating is float:
-        return _short_runs(N, S, 2 * RED_ROWS_MAX_RUN)
-    return _short_runs(N, S, RED_ROWS_MAX_RUN)
-
-
-cdef inline Py_ssize_t _flat_red(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
-    # Rows of K < FLAT_MAX_K columns that the rows statistics take R at a time as
-    # one row of R * K <= FLAT_RED columns (1: as they are). See _moments_rows.
-    cdef Py_ssize_t R = FLAT_RED // K
-    if K >= FLAT_MAX_K or N < 2 * R:
-        return 1
-    return R
-
-
 cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                               Py_ssize_t R, double* mean_out, double* m2_out,
                               int n_threads) noexcept nogil:
@@ -577,9 +554,9 @@ cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_
     # r * K + k holds the moments of rows r, r + R, r + 2R, ... of column k. Each
     # column k is then merged from its R copies in order r = 0, 1, ..., R - 1
     # (Chan, N // R values each) and the N % R rows left over, and the S columns
-    # of a channel as in _moments_rows_wide. A fixed order, whatever n_threads.
+    # of a channel as in _moments_rows. A fixed order, whatever n_threads.
     cdef Py_ssize_t K = C * S, NR = N // R, KR = K * R, rest = N - NR * R, k, r
-    cdef double na, nb, wb, wab, delta, m, q
+    cdef double na, m, q
     cdef int rc
     cdef double* buf = <double*> malloc((2 * KR + 4 * K) * sizeof(double))
     cdef double* vmean = buf
@@ -590,9 +567,9 @@ cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_
     cdef double* rm2 = buf + 2 * KR + 3 * K
     if buf == NULL:
         return -1
-    rc = _moments_rows_wide(x, NR, KR, 1, vmean, vm2, n_threads)
+    rc = _moments_rows(x, NR, KR, 1, vmean, vm2, n_threads)
     if rc == 0 and rest > 0:
-        rc = _moments_rows_wide(x + NR * KR, rest, K, 1, rmean, rm2, 1)
+        rc = _moments_rows(x + NR * KR, rest, K, 1, rmean, rm2, 1)
     if rc != 0:
         free(buf)
         return rc
@@ -600,36 +577,15 @@ cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_
         m = vmean[k]
         q = vm2[k]
         na = <double> NR
-        for r in range(1, R + (rest > 0)):
-            if r < R:
-                nb = <double> NR
-                delta = vmean[r * K + k] - m
-                q = q + vm2[r * K + k]
-            else:
-                nb = <double> rest
-                delta = rmean[k] - m
-                q = q + rm2[k]
-            wb = nb / (na + nb)
-            wab = na * wb
-            m = m + delta * wb
-            q = q + delta * delta * wab
-            na = na + nb
+        for r in range(1, R):
+            _chan(&m, &q, &na, vmean[r * K + k], vm2[r * K + k], <double> NR)
+        if rest > 0:
+            _chan(&m, &q, &na, rmean[k], rm2[k], <double> rest)
         cmean[k] = m
         cm2[k] = q
     _merge_group_moments(cmean, cm2, C, S, <double> N, mean_out, m2_out)
     free(buf)
     return 0
-
-
-cdef int _moments_rows(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                       double* mean_out, double* m2_out, int n_threads) noexcept nogil:
-    # Narrow rows (NHWC with few channels, (M, D) with small D) R at a time (see
-    # _flat_rows, _moments_rows_narrow): rows of 3 values ran the blocks at a
-    # quarter of the speed of wide rows. Others as they are.
-    cdef Py_ssize_t R = _flat_red(N, C * S)
-    if R > 1:
-        return _moments_rows_narrow(x, N, C, S, R, mean_out, m2_out, n_threads)
-    return _moments_rows_wide(x, N, C, S, mean_out, m2_out, n_threads)
 
 
 cdef inline void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
@@ -673,6 +629,32 @@ cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
     return 0
 
 
+cdef inline bint _short_runs_on_rows(Py_ssize_t N, Py_ssize_t S,
+                                    Py_ssize_t limit) noexcept nogil:
+    # Statistics of runs of ROWS_MAX_RUN to limit - 1 values take the rows
+    # schedule when there are enough images: its merge of a channel's S columns
+    # costs S Chan steps, planes' N, and with N < S / 8 planes stayed faster
+    # ((4, 64, 8, 8) float32 forward 8 -> 13 us on rows).
+    return S < ROWS_MAX_RUN or (S < limit and S <= 8 * N)
+
+
+cdef int _moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  double* mean_out, double* m2_out, int n_threads) noexcept nogil:
+    # The statistics on their schedule (see the Design block). Rows: float32 runs
+    # up to 255 values (NCHW 14x14 float32 forward 1.14x-2x faster in an
+    # in-process A/B), float64 up to 127 (its planes moments were faster on runs
+    # of 196: 2.0 ms against 2.4); narrow rows R at a time (_moments_rows_narrow:
+    # rows of 3 values ran the blocks at a quarter of the speed of wide rows).
+    cdef Py_ssize_t limit = 2 * RED_ROWS_MAX_RUN if floating is float else RED_ROWS_MAX_RUN
+    cdef Py_ssize_t R
+    if not _short_runs_on_rows(N, S, limit):
+        return _moments_planes(x, N, C, S, mean_out, m2_out, n_threads)
+    R = _flat_rows(N, C * S, FLAT_RED)
+    if R > 1:
+        return _moments_rows_narrow(x, N, C, S, R, mean_out, m2_out, n_threads)
+    return _moments_rows(x, N, C, S, mean_out, m2_out, n_threads)
+
+
 def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
             double[::1] mean_out,          # OUT (C,) mean over axes 0 and 2
             double[::1] m2_out,            # OUT (C,) sum of squared deviations
@@ -680,12 +662,8 @@ def moments(const floating[:, :, ::1] x,  # IN (N, C, S)
     """Per-channel mean and sum of squared deviations (M2) of x over axes 0, 2."""
     cdef int rc
     with nogil:
-        if _moments_on_rows(&x[0, 0, 0], x.shape[0], x.shape[2]):
-            rc = _moments_rows(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                               &mean_out[0], &m2_out[0], n_threads)
-        else:
-            rc = _moments_planes(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                                 &mean_out[0], &m2_out[0], n_threads)
+        rc = _moments(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean_out[0],
+                      &m2_out[0], n_threads)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the partial statistics")
 
@@ -706,7 +684,7 @@ cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
                          part + br * K, part + (n_rb + br) * K)
 
 
-cdef int _grad_sums_rows_wide(const floating* dy, const floating* x, const double* center,
+cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
     # Blocks as in _moments_rows; partial sums merged in row-block order.
@@ -749,18 +727,6 @@ cdef int _grad_sums_rows_wide(const floating* dy, const floating* x, const doubl
     return 0
 
 
-cdef inline bint _grad_sums_on_rows(const floating* x, Py_ssize_t N,
-                                    Py_ssize_t S) noexcept nogil:
-    # The backward sums of float32 take the rows schedule for runs of up to 127
-    # values (rows were slower on runs of 196: 1.7 -> 2.2 ms, (128, 256, 196));
-    # float64's stay on planes from ROWS_MAX_RUN on: their rows sums were slower
-    # for runs of 64 (0.75 -> 0.97 ms, (512, 64, 64)) and at 2 threads for runs
-    # of 49 (2.4 -> 2.7 ms, (256, 512, 49)).
-    if floating is float:
-        return _short_runs(N, S, RED_ROWS_MAX_RUN)
-    return S < ROWS_MAX_RUN
-
-
 cdef int _grad_sums_rows_narrow(const floating* dy, const floating* x,
                                 const double* center, Py_ssize_t N, Py_ssize_t C,
                                 Py_ssize_t S, Py_ssize_t R, double* sdy_out,
@@ -783,9 +749,9 @@ cdef int _grad_sums_rows_narrow(const floating* dy, const floating* x,
     if buf == NULL:
         return -1
     _expand_tiled(center, C, S, R, vcenter)
-    rc = _grad_sums_rows_wide(dy, x, vcenter, NR, KR, 1, vsdy, vsdyx, n_threads)
+    rc = _grad_sums_rows(dy, x, vcenter, NR, KR, 1, vsdy, vsdyx, n_threads)
     if rc == 0 and rest > 0:
-        rc = _grad_sums_rows_wide(dy + off, x + off, vcenter, rest, K, 1, rsdy, rsdyx, 1)
+        rc = _grad_sums_rows(dy + off, x + off, vcenter, rest, K, 1, rsdy, rsdyx, 1)
     if rc != 0:
         free(buf)
         return rc
@@ -804,17 +770,6 @@ cdef int _grad_sums_rows_narrow(const floating* dy, const floating* x,
     _merge_group_sums(csdyx, C, S, sdyx_out)
     free(buf)
     return 0
-
-
-cdef int _grad_sums_rows(const floating* dy, const floating* x, const double* center,
-                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                         double* sdy_out, double* sdyx_out, int n_threads) noexcept nogil:
-    # Narrow rows R at a time (see _moments_rows), others as they are.
-    cdef Py_ssize_t R = _flat_red(N, C * S)
-    if R > 1:
-        return _grad_sums_rows_narrow(dy, x, center, N, C, S, R, sdy_out, sdyx_out,
-                                      n_threads)
-    return _grad_sums_rows_wide(dy, x, center, N, C, S, sdy_out, sdyx_out, n_threads)
 
 
 cdef inline void _planes_grad_sums_block(const floating* dy, const floating* x,
@@ -857,6 +812,25 @@ cdef int _grad_sums_planes(const floating* dy, const floating* x, const double* 
     return 0
 
 
+cdef int _grad_sums(const floating* dy, const floating* x, const double* center,
+                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, double* sdy_out,
+                    double* sdyx_out, int n_threads) noexcept nogil:
+    # The backward sums on their schedule. Rows: float32 runs up to 127 values
+    # (rows were slower on runs of 196: 1.7 -> 2.2 ms, (128, 256, 196)); float64
+    # only below ROWS_MAX_RUN (its rows sums were slower on runs of 64: 0.75 ->
+    # 0.97 ms, (512, 64, 64), and at 2 threads on runs of 49: 2.4 -> 2.7 ms,
+    # (256, 512, 49)); narrow rows R at a time as in _moments.
+    cdef Py_ssize_t limit = RED_ROWS_MAX_RUN if floating is float else ROWS_MAX_RUN
+    cdef Py_ssize_t R
+    if not _short_runs_on_rows(N, S, limit):
+        return _grad_sums_planes(dy, x, center, N, C, S, sdy_out, sdyx_out, n_threads)
+    R = _flat_rows(N, C * S, FLAT_RED)
+    if R > 1:
+        return _grad_sums_rows_narrow(dy, x, center, N, C, S, R, sdy_out, sdyx_out,
+                                      n_threads)
+    return _grad_sums_rows(dy, x, center, N, C, S, sdy_out, sdyx_out, n_threads)
+
+
 def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
               const floating[:, :, ::1] x,   # IN (N, C, S)
               const double[::1] center,      # IN (C,) the saved batch mean
@@ -866,14 +840,8 @@ def grad_sums(const floating[:, :, ::1] dy,  # IN (N, C, S)
     """Per-channel sums of dy and dy * (x - center) over axes 0 and 2."""
     cdef int rc
     with nogil:
-        if _grad_sums_on_rows(&x[0, 0, 0], x.shape[0], x.shape[2]):
-            rc = _grad_sums_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
-                                 x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
-                                 n_threads)
-        else:
-            rc = _grad_sums_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0],
-                                   x.shape[1], x.shape[2], &sdy_out[0], &sdyx_out[0],
-                                   n_threads)
+        rc = _grad_sums(&dy[0, 0, 0], &x[0, 0, 0], &center[0], x.shape[0], x.shape[1],
+                        x.shape[2], &sdy_out[0], &sdyx_out[0], n_threads)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the partial sums")
 
@@ -1003,6 +971,15 @@ cdef int _affine_planes(const floating* x, const double* center, const double* s
     return 0
 
 
+cdef int _affine(const floating* x, const double* center, const double* scale,
+                 const double* shift, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                 floating* y_out, int n_threads) noexcept nogil:
+    # The affine pass on its schedule (see the Design block).
+    if S < ROWS_MAX_RUN:
+        return _affine_rows(x, center, scale, shift, N, C, S, y_out, n_threads)
+    return _affine_planes(x, center, scale, shift, N, C, S, y_out, n_threads)
+
+
 def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
            const double[::1] center,      # IN (C,)
            const double[::1] scale,       # IN (C,)
@@ -1012,13 +989,8 @@ def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
     """y = (x - center) * scale + shift per channel, in float64, rounded once."""
     cdef int rc
     with nogil:
-        if x.shape[2] < ROWS_MAX_RUN:
-            rc = _affine_rows(&x[0, 0, 0], &center[0], &scale[0], &shift[0], x.shape[0],
-                              x.shape[1], x.shape[2], &y_out[0, 0, 0], n_threads)
-        else:
-            rc = _affine_planes(&x[0, 0, 0], &center[0], &scale[0], &shift[0],
-                                x.shape[0], x.shape[1], x.shape[2], &y_out[0, 0, 0],
-                                n_threads)
+        rc = _affine(&x[0, 0, 0], &center[0], &scale[0], &shift[0], x.shape[0], x.shape[1],
+                     x.shape[2], &y_out[0, 0, 0], n_threads)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
@@ -1153,6 +1125,16 @@ cdef int _grad_input_planes(const floating* dy, const floating* x, const double*
     return 0
 
 
+cdef int _grad_input(const floating* dy, const floating* x, const double* center,
+                     const double* invstd, const double* a, const double* b,
+                     const double* k0, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                     floating* dx_out, int n_threads) noexcept nogil:
+    # The grad_input pass on its schedule (see the Design block).
+    if S < ROWS_MAX_RUN:
+        return _grad_input_rows(dy, x, center, invstd, a, b, k0, N, C, S, dx_out, n_threads)
+    return _grad_input_planes(dy, x, center, invstd, a, b, k0, N, C, S, dx_out, n_threads)
+
+
 def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
                const floating[:, :, ::1] x,   # IN (N, C, S)
                const double[::1] center,      # IN (C,) the saved batch mean
@@ -1166,14 +1148,9 @@ def grad_input(const floating[:, :, ::1] dy,  # IN (N, C, S)
     in float64, rounded once. Every term is O(1)-scaled whatever x's magnitude."""
     cdef int rc
     with nogil:
-        if x.shape[2] < ROWS_MAX_RUN:
-            rc = _grad_input_rows(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &invstd[0], &a[0],
-                                  &b[0], &k0[0], x.shape[0], x.shape[1], x.shape[2],
-                                  &dx_out[0, 0, 0], n_threads)
-        else:
-            rc = _grad_input_planes(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &invstd[0],
-                                    &a[0], &b[0], &k0[0], x.shape[0], x.shape[1],
-                                    x.shape[2], &dx_out[0, 0, 0], n_threads)
+        rc = _grad_input(&dy[0, 0, 0], &x[0, 0, 0], &center[0], &invstd[0], &a[0], &b[0],
+                         &k0[0], x.shape[0], x.shape[1], x.shape[2], &dx_out[0, 0, 0],
+                         n_threads)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
@@ -1232,19 +1209,14 @@ cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     # Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
     suspicious[0] = 0
-    if _moments_on_rows(x, N, S):
-        rc = _moments_rows(x, N, C, S, mean_out, m2_out, n_threads)
-    else:
-        rc = _moments_planes(x, N, C, S, mean_out, m2_out, n_threads)
+    rc = _moments(x, N, C, S, mean_out, m2_out, n_threads)
     if rc != 0:
         return rc
     suspicious[0] = _train_coefficients(mean_out, m2_out, C, <double> (N * S), eps, gamma,
                                         var_out, invstd_out, scale_out)
     if suspicious[0] != 0:
         return 0
-    if S < ROWS_MAX_RUN:
-        return _affine_rows(x, mean_out, scale_out, shift, N, C, S, y_out, n_threads)
-    return _affine_planes(x, mean_out, scale_out, shift, N, C, S, y_out, n_threads)
+    return _affine(x, mean_out, scale_out, shift, N, C, S, y_out, n_threads)
 
 
 def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
@@ -1321,19 +1293,13 @@ cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_
     # grad_sums, backward_coefficients, grad_input; gamma may be NULL (ones), work
     # holds 4 * C doubles. Returns 0, or -1 when a work buffer could not be allocated.
     cdef int rc
-    if _grad_sums_on_rows(x, N, S):
-        rc = _grad_sums_rows(dy, x, mean, N, C, S, sdy_out, work, n_threads)
-    else:
-        rc = _grad_sums_planes(dy, x, mean, N, C, S, sdy_out, work, n_threads)
+    rc = _grad_sums(dy, x, mean, N, C, S, sdy_out, work, n_threads)
     if rc != 0:
         return rc
     _backward_coefficients(sdy_out, work, invstd, gamma, C, <double> (N * S), work + C,
                            work + 2 * C, work + 3 * C, dgamma_out)
-    if S < ROWS_MAX_RUN:
-        return _grad_input_rows(dy, x, mean, invstd, work + C, work + 2 * C, work + 3 * C,
-                                N, C, S, dx_out, n_threads)
-    return _grad_input_planes(dy, x, mean, invstd, work + C, work + 2 * C, work + 3 * C,
-                              N, C, S, dx_out, n_threads)
+    return _grad_input(dy, x, mean, invstd, work + C, work + 2 * C, work + 3 * C, N, C, S,
+                       dx_out, n_threads)
 
 
 def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
@@ -1374,9 +1340,7 @@ cdef int _inference_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
         if gamma != NULL:
             work[c] = work[c] * gamma[c]
         work[C + c] = beta[c] if beta != NULL else 0.0
-    if S < ROWS_MAX_RUN:
-        return _affine_rows(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
-    return _affine_planes(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
+    return _affine(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
 
 
 def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
