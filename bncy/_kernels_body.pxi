@@ -1546,6 +1546,15 @@ cdef void* _plain_out(object out, object x, int t) noexcept:
     return po
 
 
+cdef cnp.ndarray _out_or_new(object out, object x, int t):
+    # out when given (already accepted by _plain_out), else a new array of x's
+    # shape and dtype t.
+    if out is not None:
+        return <cnp.ndarray> out
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
+                             cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+
+
 cdef void _ema(void* r, int t, const double* v, Py_ssize_t C, double momentum,
                double factor) noexcept nogil:
     # r = (1 - momentum) * r + momentum * (factor * v): ema_update's operations.
@@ -1602,20 +1611,13 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
-    py = NULL
-    if out is not None:
-        py = _plain_out(out, x, t)
-        if py == NULL:
-            return None
+    if out is not None and _plain_out(out, x, t) == NULL:
+        return None
     if ((gamma is not None and _plain_vector(gamma, C) < 0)
             or (beta is not None and _plain_vector(beta, C) < 0)):
         return None
-    if out is None:
-        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
-                              cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
-        py = cnp.PyArray_DATA(y)
-    else:
-        y = <cnp.ndarray> out
+    y = _out_or_new(out, x, t)
+    py = cnp.PyArray_DATA(y)
     mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
@@ -1656,7 +1658,7 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, out=..., n_threads=...) for
     a plain call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written,
     for any other call or a float64 x beyond f64_limit bytes."""
-    cdef int t = _plain_type(x), nt, rc, nd
+    cdef int t = _plain_type(x), nt, rc
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size, c
     cdef double* work
@@ -1670,7 +1672,6 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     if (t < 0 or _plain_type(dy) != t or not _same_shape(dy, x)
             or _fast_ncs(x, axis, ncs) < 0):
         return None
-    nd = cnp.PyArray_NDIM(<cnp.ndarray> x)
     N, C, S = ncs[0], ncs[1], ncs[2]
     size = N * C * S
     if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
@@ -1678,19 +1679,14 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
-    pdx = NULL
-    if out is not None:   # may be x or dy themselves, never a partial overlap
-        pdx = _plain_out(out, x, t)
-        if pdx == NULL or _plain_out(out, dy, t) == NULL:
-            return None
+    if out is not None and (_plain_out(out, x, t) == NULL   # may be x or dy itself,
+                            or _plain_out(out, dy, t) == NULL):  # never a partial overlap
+        return None
     if (_plain_vector(mean, C) < 0 or _plain_vector(invstd, C) < 0
             or (gamma is not None and _plain_vector(gamma, C) < 0)):
         return None
-    if out is None:
-        dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
-        pdx = cnp.PyArray_DATA(dx)
-    else:
-        dx = <cnp.ndarray> out
+    dx = _out_or_new(out, x, t)
+    pdx = cnp.PyArray_DATA(dx)
     dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
@@ -1751,21 +1747,14 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
         return None
-    py = NULL
-    if out is not None:
-        py = _plain_out(out, x, t)
-        if py == NULL:
-            return None
+    if out is not None and _plain_out(out, x, t) == NULL:
+        return None
     if (_plain_vector(running_mean, C) < 0 or _plain_vector(running_var, C) < 0
             or (gamma is not None and _plain_vector(gamma, C) < 0)
             or (beta is not None and _plain_vector(beta, C) < 0)):
         return None
-    if out is None:
-        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
-                              cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
-        py = cnp.PyArray_DATA(y)
-    else:
-        y = <cnp.ndarray> out
+    y = _out_or_new(out, x, t)
+    py = cnp.PyArray_DATA(y)
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
     # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
     # (nothing from here on raises: work is freed)
