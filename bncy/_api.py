@@ -477,9 +477,9 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     C = p.C
     mean, m2, var, invstd, scale = (np.empty(C), np.empty(C), np.empty(C), np.empty(C),
                                     np.empty(C))
-    # the fast path: the three phases of _local_moments + _apply_train in one call
+    # _local_moments + _apply_train in one kernel call
     if p.k.forward_train(p.x3, p.gamma, p.beta, p.eps, p.y3, mean, m2, var, invstd,
-                              scale, p.nt):
+                         scale, p.nt):
         return _apply_train(p, p.count, mean, m2, rescue=True)  # a channel to rescue
     if p.running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
         _kernels.ema_update(p.running_mean, mean, p.momentum, 1.0)
@@ -539,7 +539,7 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out)
     p.k.inference_train(p.x3, _as_f64(running_mean), _as_f64(running_var),
-                             _as_f64(gamma), _as_f64(beta), e, p.y3, p.nt)
+                        _as_f64(gamma), _as_f64(beta), e, p.y3, p.nt)
     return p.result
 
 
@@ -590,7 +590,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         return r
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
-    # the fast path: _local_grad_sums + _apply_grad in one call
+    # _local_grad_sums + _apply_grad in one kernel call
     p.k.backward_train(p.dy3, p.x3, p.mean, p.invstd, p.gamma, p.y3, sdy, dgamma, p.nt)
     return (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
 
