@@ -447,6 +447,35 @@ cdef inline double _run_centered_dot(const floating* dy, const floating* x, Py_s
     return _pairwise(acc)
 
 
+cdef inline void _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t L,
+                                double c, double* sdy, double* sdyx) noexcept nogil:
+    # Sum of dy[i] (into *sdy) and of dy[i] * (x[i] - c) (into *sdyx), each in the
+    # pattern of _run_sum. float32: one sweep of both runs, the two sums in
+    # separate accumulator rows and loops over j (one loop for both would not
+    # vectorise with gcc 12); NCHW (32, 64, 56, 56) kernel 1.41 -> 1.07-1.24 ms
+    # at 1 thread, 0.58 -> 0.46 ms at 2. float64: a sweep per sum, as gcc 12
+    # vectorised the one-sweep loop into shuffles (2.7 -> 9.5 ms).
+    cdef double acc[2][NACC]
+    cdef Py_ssize_t i, j, Lv = L - L % NACC
+    if floating is double:
+        sdy[0] = _run_sum(dy, L)
+        sdyx[0] = _run_centered_dot(dy, x, L, c)
+        return
+    for j in range(NACC):
+        acc[0][j] = 0.0
+        acc[1][j] = 0.0
+    for i in range(0, Lv // NACC):
+        for j in range(NACC):
+            acc[0][j] += dy[i * NACC + j]
+        for j in range(NACC):
+            acc[1][j] += dy[i * NACC + j] * (x[i * NACC + j] - c)
+    for i in range(Lv, L):
+        acc[0][i - Lv] += dy[i]
+        acc[1][i - Lv] += dy[i] * (x[i] - c)
+    sdy[0] = _pairwise(&acc[0][0])
+    sdyx[0] = _pairwise(&acc[1][0])
+
+
 # ---------------------------------------------------------------------------
 # Merges of per-block partial rows (fixed order: block order)
 # ---------------------------------------------------------------------------
@@ -864,15 +893,14 @@ cdef inline void _planes_grad_sums_block(const floating* dy, const floating* x,
                                          const double* center, Py_ssize_t N, Py_ssize_t C,
                                          Py_ssize_t S, Py_ssize_t b,
                                          double* part) noexcept nogil:
-    # Block b as in _planes_moments_block; two sweeps of the segment (in L1),
-    # each vectorising like _run_sum. part holds J rows of sum dy, then J of
+    # Block b as in _planes_moments_block; one sweep of the segment of dy and x
+    # (_run_grad_sums). part holds J rows of sum dy, then J of
     # sum dy * (x - center).
     cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg, g = b % nseg, nc = b // nseg
     cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
     bncy_assert(nc < N * C and s0 < S and j < J)
-    part[j * C + nc % C] = _run_sum(dy + nc * S + s0, L)
-    part[(J + j) * C + nc % C] = _run_centered_dot(dy + nc * S + s0, x + nc * S + s0, L,
-                                                   center[nc % C])
+    _run_grad_sums(dy + nc * S + s0, x + nc * S + s0, L, center[nc % C],
+                   &part[j * C + nc % C], &part[(J + j) * C + nc % C])
 
 
 cdef int _grad_sums_planes(const floating* dy, const floating* x, const double* center,
