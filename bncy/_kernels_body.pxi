@@ -96,7 +96,8 @@ cdef enum:
     PAD = 24             # doubles between expanded coefficient vectors: vectors
                          # 4 KiB apart alias in L1 (grad_input 1.8x slower)
     PF_BYTES = 4096      # the backward sums ask for rows this far ahead ...
-    PIECE = 64           # ... a piece of this many columns at a time
+    PIECE = 64           # ... a piece of this many columns at a time, for
+    PF_MIN_BYTES = 1 << 20  # ... arrays of at least this size (L2 here)
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
@@ -845,8 +846,9 @@ cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
                                        const double* center, Py_ssize_t N, Py_ssize_t K,
                                        Py_ssize_t TW, Py_ssize_t b,
                                        double* part) noexcept nogil:
-    # Block b as in _rows_moments_block. float32 blocks of whole rows take the
-    # prefetching loop: in-process A/B of the kernel, 1 thread (2 threads), NHWC
+    # Block b as in _rows_moments_block. float32 blocks of whole rows of arrays
+    # beyond L2 take the prefetching loop (in cache it only cost: (64, 256)
+    # backward 6.9 -> 7.6 us): in-process A/B of the kernel, 1 thread (2 threads), NHWC
     # (100352, 64) 1.55 -> 1.07 ms (0.63 -> 0.53), (3211264, 3) 2.88 -> 2.19 ms
     # (1.38 -> 1.05). Not where it lost: float64 (65536, 512) 17 -> 23 ms; column
     # tiles ((1024, 4096)); the moments (one array, 4 rows a step) and the planes
@@ -854,7 +856,7 @@ cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
     cdef Py_ssize_t n_kt = _cdiv(K, TW), br = b // n_kt, kt = b % n_kt
     cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), r1 = _imin(N, (br + 1) * ROW_BLOCK)
     if floating is float:
-        if TW >= K:
+        if TW >= K and N * K * sizeof(floating) >= PF_MIN_BYTES:
             _rows_grad_sums_ahead(dy, x, center, N, K, br * ROW_BLOCK, r1,
                                   part + br * K, part + (n_rb + br) * K)
             return
