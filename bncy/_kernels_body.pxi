@@ -39,8 +39,9 @@
 #   narrow rows (K < 16) go R at a time as one row of R*K columns (see
 #   _flat_rows); their statistics likewise, each column then merged from its R
 #   copies in a fixed order (see _moments_rows_narrow).
-#   The float32 backward sums of whole-row blocks ask for the rows PF_BYTES
-#   ahead with prefetch hints (_rows_grad_sums_ahead): same sums, same order.
+#   The float32 backward sums of whole-row blocks of arrays beyond L2 ask for the
+#   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
+#   same order.
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
@@ -350,7 +351,9 @@ cdef inline void _rows_grad_sums_ahead(
     # first asks for the same columns of the rows PF_BYTES ahead (up to row N; a
     # thread's next block is the next rows). From memory the hardware prefetcher
     # alone kept the loop well below a plain sweep. Taken for float32 only (see
-    # _rows_grad_sums_block). A hint changes no value and no order.
+    # _rows_grad_sums_block). A hint changes no value and no order. A function of
+    # its own: the same pieces inside _block_col_grad_sums, even with the hints
+    # off, made its column tiles slower ((1024, 4096) float32 1.17 -> 1.46 ms).
     cdef double s1[COL_TILE]
     cdef double s2[COL_TILE]
     cdef Py_ssize_t r, q, k, m, kb, ke, ra, npf, nq = (r1 - r0) // 2
@@ -461,28 +464,31 @@ cdef inline void _run_shifted_sums(const floating* p, Py_ssize_t L, double q,
     s2[0] = _pairwise(&acc[1][0])
 
 
+cdef inline double _piece_moments(const floating* p, Py_ssize_t L,
+                                  double* m2) noexcept nogil:
+    # Mean of p[0:L], returned, and its M2 (into *m2), from the sums shifted by
+    # q = p[0] (_run_shifted_sums): M2 = S2 - S1 * (S1 / n), which loses at most
+    # a factor 1 + L of relative precision (the bound of _block_col_moments).
+    cdef double s1, s2, n = <double> L, q = p[0], d
+    _run_shifted_sums(p, L, q, &s1, &s2)
+    d = s2 - s1 * (s1 / n)
+    m2[0] = 0.0 if d < 0.0 else d
+    return q + s1 / n
+
+
 cdef inline void _run_moments(const floating* p, Py_ssize_t L, double* mean_out,
                               double* m2_out) noexcept nogil:
     # Mean and M2 of p[0:L] in one sweep (float32 runs; see _planes_moments_block):
-    # pieces of RUN_PIECE values in order, each summed shifted by its first value
-    # q (_run_shifted_sums); a piece's M2 = S2 - S1 * (S1 / n) loses at most a
-    # factor 1 + RUN_PIECE of relative precision (the bound of
-    # _block_col_moments). Pieces merge in order (_chan).
-    cdef double s1 = 0.0, s2 = 0.0, n, m2p, mean = 0.0, m2 = 0.0, cnt = 0.0
+    # pieces of RUN_PIECE values in order (_piece_moments), merged in order
+    # (_chan).
+    cdef double mean, m2, cnt, mean_b, m2_b
     cdef Py_ssize_t a, Lp
-    for a in range(_cdiv(L, RUN_PIECE)):
+    mean = _piece_moments(p, _imin(RUN_PIECE, L), &m2)
+    cnt = <double> _imin(RUN_PIECE, L)
+    for a in range(1, _cdiv(L, RUN_PIECE)):
         Lp = _imin(RUN_PIECE, L - a * RUN_PIECE)
-        _run_shifted_sums(p + a * RUN_PIECE, Lp, p[a * RUN_PIECE], &s1, &s2)
-        n = <double> Lp
-        m2p = s2 - s1 * (s1 / n)
-        if m2p < 0.0:
-            m2p = 0.0
-        if a == 0:
-            mean = p[0] + s1 / n
-            m2 = m2p
-            cnt = n
-        else:
-            _chan(&mean, &m2, &cnt, p[a * RUN_PIECE] + s1 / n, m2p, n)
+        mean_b = _piece_moments(p + a * RUN_PIECE, Lp, &m2_b)
+        _chan(&mean, &m2, &cnt, mean_b, m2_b, <double> Lp)
     mean_out[0] = mean
     m2_out[0] = m2
 
@@ -847,12 +853,12 @@ cdef inline void _rows_grad_sums_block(const floating* dy, const floating* x,
                                        Py_ssize_t TW, Py_ssize_t b,
                                        double* part) noexcept nogil:
     # Block b as in _rows_moments_block. float32 blocks of whole rows of arrays
-    # beyond L2 take the prefetching loop (in cache it only cost: (64, 256)
-    # backward 6.9 -> 7.6 us): in-process A/B of the kernel, 1 thread (2 threads), NHWC
-    # (100352, 64) 1.55 -> 1.07 ms (0.63 -> 0.53), (3211264, 3) 2.88 -> 2.19 ms
-    # (1.38 -> 1.05). Not where it lost: float64 (65536, 512) 17 -> 23 ms; column
-    # tiles ((1024, 4096)); the moments (one array, 4 rows a step) and the planes
-    # runs were slower with such hints too.
+    # beyond L2 take the prefetching loop; in-process A/B of the kernel, 1 thread
+    # (2 threads): NHWC (100352, 64) 1.55 -> 1.07 ms (0.63 -> 0.53), (3211264, 3)
+    # 2.88 -> 2.19 ms (1.38 -> 1.05). Not where it lost: in cache ((64, 256)
+    # backward 6.9 -> 7.6 us), float64 ((65536, 512) 17 -> 23 ms), column tiles
+    # ((1024, 4096)); the moments (one array, 4 rows a step) and the planes runs
+    # were slower with such hints too.
     cdef Py_ssize_t n_kt = _cdiv(K, TW), br = b // n_kt, kt = b % n_kt
     cdef Py_ssize_t n_rb = _cdiv(N, ROW_BLOCK), r1 = _imin(N, (br + 1) * ROW_BLOCK)
     if floating is float:
@@ -956,10 +962,10 @@ cdef void _planes_grad_sums_block(const floating* dy, const floating* x,
                                   const double* center, Py_ssize_t N, Py_ssize_t C,
                                   Py_ssize_t S, Py_ssize_t b, double* part) noexcept nogil:
     # Block b as in _planes_moments_block; one sweep of the segment of dy and x
-    # (_run_grad_sums). Not inline, like _planes_moments_block: inlined into the
-    # one-thread loop of _grad_sums_planes, gcc 12 compiled that sweep into a loop
-    # 2.6x slower (NCHW (32, 64, 56, 56) float32 sums 2.8 ms against 1.07). part holds J rows of sum dy, then J of
-    # sum dy * (x - center).
+    # (_run_grad_sums). part holds J rows of sum dy, then J of sum dy * (x - center).
+    # Not inline, like _planes_moments_block: inlined into the one-thread loop of
+    # _grad_sums_planes, gcc 12 compiled that sweep 2.6x slower (NCHW (32, 64, 56,
+    # 56) float32 sums 2.8 ms against 1.07).
     cdef Py_ssize_t nseg = _cdiv(S, SEG), J = N * nseg, g = b % nseg, nc = b // nseg
     cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
     bncy_assert(nc < N * C and s0 < S and j < J)
