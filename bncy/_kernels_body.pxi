@@ -41,7 +41,8 @@
 #   copies in a fixed order (see _moments_rows_narrow).
 #   The float32 backward sums of whole-row blocks of arrays beyond L2 ask for the
 #   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
-#   same order.
+#   same order. So does float32 grad_input, for dy, x and the dx it writes, on
+#   rows of 410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead).
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
@@ -99,6 +100,10 @@ cdef enum:
     PF_BYTES = 4096      # the backward sums ask for rows this far ahead ...
     PIECE = 64           # ... a piece of this many columns at a time, for
     PF_MIN_BYTES = 1 << 20  # ... arrays of at least this size (L2 here)
+    PF_COEF_MIN = 16384  # grad_input prefetches whole rows whose five
+    PF_COEF = 32768      # ... coefficient vectors take this many bytes, for
+    PF_GI_MIN_BYTES = 1 << 24  # ... arrays of at least this size (see
+                         # _rows_grad_input_block)
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
@@ -183,6 +188,19 @@ cdef extern from *:
     void bncy_prefetch(const void* p) noexcept nogil
 
 
+cdef extern from *:
+    """
+    /* the same, for a line about to be written: asks for it in a state that
+       the store does not have to wait for */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define bncy_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 3)
+    #else
+    #define bncy_prefetch_w(p) ((void)0)
+    #endif
+    """
+    void bncy_prefetch_w(const void* p) noexcept nogil
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -196,6 +214,13 @@ cdef inline void _prefetch_run(const floating* p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i, step = 64 // sizeof(floating)
     for i in range(_cdiv(n, step)):
         bncy_prefetch(p + i * step)
+
+
+cdef inline void _prefetch_run_w(floating* p, Py_ssize_t n) noexcept nogil:
+    # Ask for the cache lines of p[0:n], n >= 1, which a later iteration writes.
+    cdef Py_ssize_t i, step = 64 // sizeof(floating)
+    for i in range(_cdiv(n, step)):
+        bncy_prefetch_w(p + i * step)
 
 
 cdef inline Py_ssize_t _row_tile(Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
@@ -1181,6 +1206,42 @@ def affine(const floating[:, :, ::1] x,  # IN (N, C, S)
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
 
+cdef inline void _rows_grad_input_ahead(const floating* dy, const floating* x,
+                                        const double* ce, const double* cs,
+                                        const double* ca, const double* cb,
+                                        const double* ck, Py_ssize_t N, Py_ssize_t K,
+                                        Py_ssize_t r0, Py_ssize_t r1,
+                                        floating* dx_out) noexcept nogil:
+    # Rows r0:r1 of _rows_grad_input_block, whole, the same operations per
+    # value, with prefetch hints: each piece of PIECE columns first asks for the
+    # same columns of dy and x (to read) and of dx (to write) PF_BYTES ahead (up
+    # to row N). With the five coefficient vectors taking 16 to 32 KiB of the
+    # 48 KiB L1, the plain loop fell from 35 to 25 GB/s at 1 thread (rows of
+    # 384 columns: 12.5 ms for 128 MiB each of dy, x, dx; 448 columns: 15.7);
+    # all three hints are needed (dx alone: 1.5x slower than none; dy and x
+    # alone: no gain). A hint changes no value and no order.
+    cdef Py_ssize_t ahead = _cdiv(PF_BYTES, K * sizeof(floating)), r, ra, m, kb, ke, k
+    cdef const floating* dr
+    cdef const floating* xr
+    cdef floating* outr
+    bncy_assert(0 <= r0 and r0 < r1 and r1 <= N)
+    for r in range(r0, r1):
+        dr = dy + r * K
+        xr = x + r * K
+        outr = dx_out + r * K
+        ra = r + ahead
+        for m in range(_cdiv(K, PIECE)):
+            kb = m * PIECE
+            ke = _imin(K, kb + PIECE)
+            if ra < N:
+                _prefetch_run(dy + ra * K + kb, ke - kb)
+                _prefetch_run(x + ra * K + kb, ke - kb)
+                _prefetch_run_w(dx_out + ra * K + kb, ke - kb)
+            for k in range(kb, ke):
+                outr[k] = <floating> (dr[k] * ca[k] + ((xr[k] - ce[k]) * cs[k]) * cb[k]
+                                      + ck[k])
+
+
 cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
                                         const double* ce, const double* cs,
                                         const double* ca, const double* cb,
@@ -1188,7 +1249,16 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
                                         Py_ssize_t TW, Py_ssize_t blk,
                                         floating* dx_out) noexcept nogil:
     # Block blk as in _rows_affine_block, wide rows in chunks likewise (five
-    # coefficient vectors here).
+    # coefficient vectors here). float32 blocks of whole rows take the
+    # prefetching loop when the coefficients fill PF_COEF_MIN to PF_COEF bytes of
+    # L1 (rows of 410 to 819 columns) and x is at least PF_GI_MIN_BYTES (x, dy and
+    # dx then overflow the 32 MiB L3). Kernel A/B, 1 thread (2 threads):
+    # (65536, 512) 16.8 -> 12.4 ms (8.1 -> 6.4), (43690, 768) 16.1 -> 12.6 ms
+    # (8.5 -> 6.3), (8192, 512) 2.05 -> 1.30 ms (0.87-1.1 -> 0.63). Where it
+    # lost: in L3 ((4096, 512) at 2 threads 0.27 -> 0.31 ms), narrow rows
+    # (NHWC (100352, 64) at 2 threads, 5-10%), wider rows (chunks: (32768, 1024)
+    # 17.7 -> 18.8 ms whole, worse again with hints in the chunks), float64
+    # ((65536, 512) at 2 threads 18 -> 20 ms).
     cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
     cdef Py_ssize_t G = _group_rows(x)
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
@@ -1202,6 +1272,11 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     cdef const floating* dr
     cdef const floating* xr
     cdef floating* outr
+    if floating is float:
+        if (TW >= K and PF_COEF_MIN <= 5 * 8 * K <= PF_COEF
+                and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
+            _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, dx_out)
+            return
     if 5 * 8 * (q1 - q0) > COEF_L1:
         rq = r0 + (r1 - r0) // G * G
         for q in range((rq - r0) // G):
