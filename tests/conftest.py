@@ -42,6 +42,8 @@ CASES = [
     ((40, 2, 255), 1),      # the last run length with rows float32 moments
     ((40, 2, 256), 1),      # S=256: planes statistics everywhere
     ((2, 3, 70, 70), 1),    # NCHW, S=4900 (planes, two segments)
+    ((3, 5, 20011), 1),     # planes beyond L2 (1.2 MB): float32 grad_input on one thread
+                            # prefetches; 5 segments a run, the last of 3627 values
     ((2, 5, 6, 7), -1),     # channels-last (N, H, W, C)
     ((40, 6, 6, 3), -1),    # narrow rows (K=3): affine 85 rows at a time, 80 left over;
                             # grad_input 42 at a time, 12 left over

@@ -25,6 +25,7 @@ DET_CASES = [
     ((8, 64, 7, 7), 1),      # runs of 49: rows statistics, planes elementwise passes
     ((2305, 129), 1),        # float32 beyond L2: prefetching backward sums, odd last block
     ((8193, 520), 1),        # float32 beyond 16 MiB: prefetching grad_input, likewise
+    ((3, 5, 20011), 1),      # planes beyond L2: float32 grad_input prefetches on 1 thread
 ]
 
 
