@@ -41,8 +41,8 @@
 #   copies in a fixed order (see _moments_rows_narrow).
 #   The float32 backward sums of whole-row blocks of arrays beyond L2 ask for the
 #   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
-#   same order. So does float32 grad_input, for dy, x and the dx it writes, on
-#   rows of 410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead).
+#   same order. So does grad_input, for dy, x and the dx it writes, on rows of
+#   410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead).
 #   (planes: float32 grad_input on one thread beyond L2, _grad_input_planes.)
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
@@ -1250,16 +1250,18 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
                                         Py_ssize_t TW, Py_ssize_t blk,
                                         floating* dx_out) noexcept nogil:
     # Block blk as in _rows_affine_block, wide rows in chunks likewise (five
-    # coefficient vectors here). float32 blocks of whole rows take the
-    # prefetching loop when the coefficients fill PF_COEF_MIN to PF_COEF bytes of
-    # L1 (rows of 410 to 819 columns) and x is at least PF_GI_MIN_BYTES (x, dy and
-    # dx then overflow the 32 MiB L3). Kernel A/B, 1 thread (2 threads):
+    # coefficient vectors here). Blocks of whole rows take the prefetching loop
+    # when the coefficients fill PF_COEF_MIN to PF_COEF bytes of L1 (rows of 410
+    # to 819 columns) and x is at least PF_GI_MIN_BYTES (x, dy and dx then
+    # overflow the 32 MiB L3). Kernel A/B, 1 thread (2 threads): float32
     # (65536, 512) 16.8 -> 12.4 ms (8.1 -> 6.4), (43690, 768) 16.1 -> 12.6 ms
-    # (8.5 -> 6.3), (8192, 512) 2.05 -> 1.30 ms (0.87-1.1 -> 0.63). Where it
-    # lost: in L3 ((4096, 512) at 2 threads 0.27 -> 0.31 ms), narrow rows
-    # (NHWC (100352, 64) at 2 threads, 5-10%), wider rows (chunks: (32768, 1024)
-    # 17.7 -> 18.8 ms whole, worse again with hints in the chunks), float64
-    # ((65536, 512) at 2 threads 18 -> 20 ms).
+    # (8.5 -> 6.3), (8192, 512) 2.05 -> 1.30 ms (0.87-1.1 -> 0.63); float64
+    # (65536, 512) 29 -> 22.5 ms (12.8-18 -> 13.7-19.2, its one loss), (4096,
+    # 512) 1.78 -> 1.05 ms (0.93 -> 0.61), (43690, 768) 32.7 -> 25.7 ms (21.5 ->
+    # 19.4). Where it lost: float32 in L3 ((4096, 512) at 2 threads 0.27 -> 0.31
+    # ms), narrow rows (NHWC (100352, 64) at 2 threads, 5-10%), wider rows
+    # (chunks: (32768, 1024) 17.7 -> 18.8 ms whole, worse again with hints in
+    # the chunks).
     cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
     cdef Py_ssize_t G = _group_rows(x)
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
@@ -1273,11 +1275,10 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     cdef const floating* dr
     cdef const floating* xr
     cdef floating* outr
-    if floating is float:
-        if (TW >= K and PF_COEF_MIN <= 5 * 8 * K <= PF_COEF
-                and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
-            _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, dx_out)
-            return
+    if (TW >= K and PF_COEF_MIN <= 5 * 8 * K <= PF_COEF
+            and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
+        _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, dx_out)
+        return
     if 5 * 8 * (q1 - q0) > COEF_L1:
         rq = r0 + (r1 - r0) // G * G
         for q in range((rq - r0) // G):
