@@ -42,7 +42,8 @@
 #   The float32 backward sums of whole-row blocks of arrays beyond L2 ask for the
 #   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
 #   same order. So does grad_input, for dy, x and the dx it writes, on rows of
-#   410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead).
+#   410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead); wider
+#   float64 rows go through it in tiles of PF_TILE columns.
 #   (planes: float32 grad_input on one thread beyond L2, _grad_input_planes.)
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
@@ -104,7 +105,8 @@ cdef enum:
     PF_COEF_MIN = 16384  # grad_input prefetches whole rows whose five
     PF_COEF = 32768      # ... coefficient vectors take this many bytes, for
     PF_GI_MIN_BYTES = 1 << 24  # ... arrays of at least this size (see
-                         # _rows_grad_input_block)
+                         # _rows_grad_input_block); wider float64 rows go
+    PF_TILE = 512        # ... through it in tiles of this many columns
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
@@ -1211,29 +1213,29 @@ cdef inline void _rows_grad_input_ahead(const floating* dy, const floating* x,
                                         const double* ce, const double* cs,
                                         const double* ca, const double* cb,
                                         const double* ck, Py_ssize_t N, Py_ssize_t K,
-                                        Py_ssize_t r0, Py_ssize_t r1,
-                                        floating* dx_out) noexcept nogil:
-    # Rows r0:r1 of _rows_grad_input_block, whole, the same operations per
-    # value, with prefetch hints: each piece of PIECE columns first asks for the
-    # same columns of dy and x (to read) and of dx (to write) PF_BYTES ahead (up
-    # to row N). With the five coefficient vectors taking 16 to 32 KiB of the
+                                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t k0,
+                                        Py_ssize_t k1, floating* dx_out) noexcept nogil:
+    # Columns k0:k1 of rows r0:r1 of _rows_grad_input_block, row after row, the
+    # same operations per value, with prefetch hints: each piece of PIECE columns
+    # first asks for the same columns of dy and x (to read) and of dx (to write)
+    # of the row PF_BYTES of such pieces ahead (up to row N). With the five coefficient vectors taking 16 to 32 KiB of the
     # 48 KiB L1, the plain loop fell from 35 to 25 GB/s at 1 thread (rows of
     # 384 columns: 12.5 ms for 128 MiB each of dy, x, dx; 448 columns: 15.7);
     # all three hints are needed (dx alone: 1.5x slower than none; dy and x
     # alone: no gain). A hint changes no value and no order.
-    cdef Py_ssize_t ahead = _cdiv(PF_BYTES, K * sizeof(floating)), r, ra, m, kb, ke, k
+    cdef Py_ssize_t ahead = _cdiv(PF_BYTES, (k1 - k0) * sizeof(floating)), r, ra, m, kb, ke, k
     cdef const floating* dr
     cdef const floating* xr
     cdef floating* outr
-    bncy_assert(0 <= r0 and r0 < r1 and r1 <= N)
+    bncy_assert(0 <= r0 and r0 < r1 and r1 <= N and 0 <= k0 and k0 < k1 and k1 <= K)
     for r in range(r0, r1):
         dr = dy + r * K
         xr = x + r * K
         outr = dx_out + r * K
         ra = r + ahead
-        for m in range(_cdiv(K, PIECE)):
-            kb = m * PIECE
-            ke = _imin(K, kb + PIECE)
+        for m in range(_cdiv(k1 - k0, PIECE)):
+            kb = k0 + m * PIECE
+            ke = _imin(k1, kb + PIECE)
             if ra < N:
                 _prefetch_run(dy + ra * K + kb, ke - kb)
                 _prefetch_run(x + ra * K + kb, ke - kb)
@@ -1260,8 +1262,13 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     # 512) 1.78 -> 1.05 ms (0.93 -> 0.61), (43690, 768) 32.7 -> 25.7 ms (21.5 ->
     # 19.4). Where it lost: float32 in L3 ((4096, 512) at 2 threads 0.27 -> 0.31
     # ms), narrow rows (NHWC (100352, 64) at 2 threads, 5-10%), wider rows
-    # (chunks: (32768, 1024) 17.7 -> 18.8 ms whole, worse again with hints in
-    # the chunks).
+    # whole (chunks: (32768, 1024) 17.7 -> 18.8 ms, worse again with hints in
+    # the chunks). Wider float64 rows instead take it in tiles of PF_TILE
+    # columns (row after row within a tile, the same values): (1024, 4096) 4.0
+    # -> 3.0 ms (1.9 -> 1.3), (16384, 1024) 16.8 -> 15.0 ms (8.45 -> 7.8),
+    # (8192, 1536) 12.5 -> 10.0 ms (8.1 -> 8.4); float32 lost there beyond L3
+    # ((4096, 4096) 7.8 -> 8.4-9.6 ms) and gained in it ((1024, 4096) 1.94 ->
+    # 1.72), so it keeps the chunks.
     cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
     cdef Py_ssize_t G = _group_rows(x)
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
@@ -1277,8 +1284,14 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     cdef floating* outr
     if (TW >= K and PF_COEF_MIN <= 5 * 8 * K <= PF_COEF
             and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
-        _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, dx_out)
+        _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, 0, K, dx_out)
         return
+    if floating is double:
+        if TW >= K and 5 * 8 * K > PF_COEF and N * K * sizeof(floating) >= PF_GI_MIN_BYTES:
+            for m in range(_cdiv(K, PF_TILE)):
+                _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, m * PF_TILE,
+                                       _imin(K, m * PF_TILE + PF_TILE), dx_out)
+            return
     if 5 * 8 * (q1 - q0) > COEF_L1:
         rq = r0 + (r1 - r0) // G * G
         for q in range((rq - r0) // G):
