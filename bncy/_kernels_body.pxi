@@ -43,7 +43,7 @@
 #   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
 #   same order. So does grad_input, for dy, x and the dx it writes, on rows of
 #   410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead); wider
-#   float64 rows go through it in tiles of PF_TILE columns.
+#   rows go through it in tiles (_pf_tile).
 #   (planes: float32 grad_input on one thread beyond L2, _grad_input_planes.)
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
@@ -105,8 +105,8 @@ cdef enum:
     PF_COEF_MIN = 16384  # grad_input prefetches whole rows whose five
     PF_COEF = 32768      # ... coefficient vectors take this many bytes, for
     PF_GI_MIN_BYTES = 1 << 24  # ... arrays of at least this size (see
-                         # _rows_grad_input_block); wider float64 rows go
-    PF_TILE = 512        # ... through it in tiles of this many columns
+                         # _rows_grad_input_block); wider rows go through it in
+                         # tiles (_pf_tile)
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
@@ -1072,6 +1072,16 @@ cdef inline Py_ssize_t _group_rows(const floating* x) noexcept nogil:
     return g
 
 
+cdef inline Py_ssize_t _pf_tile(const floating* x) noexcept nogil:
+    # Columns per tile of the prefetching grad_input on rows wider than PF_COEF
+    # allows whole (see _rows_grad_input_block): 768 for float32 (30 KiB of
+    # coefficients), 512 for float64 (the widths measured best of 384, 512, 768).
+    cdef Py_ssize_t t = 512
+    if floating is float:
+        t = 768
+    return t
+
+
 cdef inline void _rows_affine_block(const floating* x, const double* ce, const double* sc,
                                     const double* sh, Py_ssize_t N, Py_ssize_t K,
                                     Py_ssize_t TW, Py_ssize_t b,
@@ -1263,14 +1273,15 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     # 19.4). Where it lost: float32 in L3 ((4096, 512) at 2 threads 0.27 -> 0.31
     # ms), narrow rows (NHWC (100352, 64) at 2 threads, 5-10%), wider rows
     # whole (chunks: (32768, 1024) 17.7 -> 18.8 ms, worse again with hints in
-    # the chunks). Wider float64 rows instead take it in tiles of PF_TILE
-    # columns (row after row within a tile, the same values): (1024, 4096) 4.0
-    # -> 3.0 ms (1.9 -> 1.3), (16384, 1024) 16.8 -> 15.0 ms (8.45 -> 7.8),
-    # (8192, 1536) 12.5 -> 10.0 ms (8.1 -> 8.4); float32 lost there beyond L3
-    # ((4096, 4096) 7.8 -> 8.4-9.6 ms) and gained in it ((1024, 4096) 1.94 ->
-    # 1.72), so it keeps the chunks.
+    # the chunks). Wider rows instead take it in tiles of _pf_tile columns
+    # (row after row within a tile, the same values). float64, 512 columns:
+    # (1024, 4096) 4.0 -> 3.0 ms (1.9 -> 1.3), (16384, 1024) 16.8 -> 15.0 ms
+    # (8.45 -> 7.8), (8192, 1536) 12.5 -> 10.0 ms (8.1 -> 8.4). float32, 768
+    # columns: (1024, 4096) 1.88 -> 1.65 ms (0.95 -> 0.85), (8192, 2048) 9.9 ->
+    # 8.2 ms (5.3 both), (16384, 1024) 9.65 -> 8.1 ms (5.2 -> 5.35); 512 and 384
+    # columns lost beyond L3 ((4096, 4096) 8.6 -> 8.4-9.6 ms).
     cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
-    cdef Py_ssize_t G = _group_rows(x)
+    cdef Py_ssize_t G = _group_rows(x), pt = _pf_tile(x)
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
     cdef Py_ssize_t r0 = br * ROW_BLOCK, r1 = _imin(N, r0 + ROW_BLOCK), rq = r0
     cdef Py_ssize_t kc = q0 + (q1 - q0) // CHUNK * CHUNK
@@ -1286,12 +1297,11 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
             and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
         _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, 0, K, dx_out)
         return
-    if floating is double:
-        if TW >= K and 5 * 8 * K > PF_COEF and N * K * sizeof(floating) >= PF_GI_MIN_BYTES:
-            for m in range(_cdiv(K, PF_TILE)):
-                _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, m * PF_TILE,
-                                       _imin(K, m * PF_TILE + PF_TILE), dx_out)
-            return
+    if TW >= K and 5 * 8 * K > PF_COEF and N * K * sizeof(floating) >= PF_GI_MIN_BYTES:
+        for m in range(_cdiv(K, pt)):
+            _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, m * pt,
+                                   _imin(K, m * pt + pt), dx_out)
+        return
     if 5 * 8 * (q1 - q0) > COEF_L1:
         rq = r0 + (r1 - r0) // G * G
         for q in range((rq - r0) // G):

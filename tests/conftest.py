@@ -32,8 +32,8 @@ CASES = [
                             # backward sums; 9 row blocks and a last one of 1 row
     ((8193, 520), 1),       # float32 rows of 520 columns beyond 16 MiB: the prefetching
                             # grad_input; 33 row blocks, the last of 1 row
-    ((2050, 1030), 1),      # float64 rows beyond 16 MiB: grad_input in prefetching tiles of
-                            # 512 columns, the last of 6; float32 in chunks
+    ((4097, 1030), 1),      # rows of 1030 columns beyond 16 MiB: grad_input in prefetching
+                            # tiles (float32 768 + 262 columns, float64 512 + 512 + 6)
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
     ((3, 5, 6, 7), 1),      # NCHW, S=42, N < S/8: planes (one segment)
