@@ -42,12 +42,13 @@
 #   The float32 backward sums of whole-row blocks of arrays beyond L2 ask for the
 #   rows PF_BYTES ahead with prefetch hints (_rows_grad_sums_ahead): same sums,
 #   same order. So does grad_input, for dy, x and the dx it writes, on rows of
-#   410 to 819 columns of arrays beyond 16 MiB (_rows_grad_input_ahead); wider
-#   rows go through it in tiles (_pf_tile).
-#   (planes: float32 grad_input on one thread beyond L2, _grad_input_planes.)
+#   at least 410 columns of arrays beyond 16 MiB (_rows_grad_input_ahead), whole
+#   rows up to 819 columns and tiles of _pf_tile columns beyond.
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
+#   float32 grad_input on one thread, beyond L2, asks for dy, x and dx PF_BYTES
+#   ahead (_grad_input_planes).
 #
 # Precision. Statistics accumulate in float64 whatever the input dtype, and never
 # as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the
@@ -102,11 +103,11 @@ cdef enum:
     PF_BYTES = 4096      # the backward sums ask for rows this far ahead ...
     PIECE = 64           # ... a piece of this many columns at a time, for
     PF_MIN_BYTES = 1 << 20  # ... arrays of at least this size (L2 here)
-    PF_COEF_MIN = 16384  # grad_input prefetches whole rows whose five
-    PF_COEF = 32768      # ... coefficient vectors take this many bytes, for
-    PF_GI_MIN_BYTES = 1 << 24  # ... arrays of at least this size (see
-                         # _rows_grad_input_block); wider rows go through it in
-                         # tiles (_pf_tile)
+    PF_COEF_MIN = 16384  # grad_input prefetches rows whose five coefficient
+                         # vectors take at least this many bytes, whole rows
+    PF_COEF = 32768      # ... up to this many (tiles of _pf_tile columns beyond),
+    PF_GI_MIN_BYTES = 1 << 24  # ... in arrays of at least this size (see
+                         # _rows_grad_input_block)
 
 BLOCKING = {"ROW_BLOCK": ROW_BLOCK, "COL_TILE": COL_TILE, "MIN_TILE": MIN_TILE, "SEG": SEG,
             "ROWS_MAX_RUN": ROWS_MAX_RUN, "RED_ROWS_MAX_RUN": RED_ROWS_MAX_RUN}
@@ -1075,7 +1076,8 @@ cdef inline Py_ssize_t _group_rows(const floating* x) noexcept nogil:
 cdef inline Py_ssize_t _pf_tile(const floating* x) noexcept nogil:
     # Columns per tile of the prefetching grad_input on rows wider than PF_COEF
     # allows whole (see _rows_grad_input_block): 768 for float32 (30 KiB of
-    # coefficients), 512 for float64 (the widths measured best of 384, 512, 768).
+    # coefficients; best of 384, 512 and 768), 512 for float64 (the one width
+    # measured there).
     cdef Py_ssize_t t = 512
     if floating is float:
         t = 768
@@ -1281,7 +1283,7 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     # 8.2 ms (5.3 both), (16384, 1024) 9.65 -> 8.1 ms (5.2 -> 5.35); 512 and 384
     # columns lost beyond L3 ((4096, 4096) 8.6 -> 8.4-9.6 ms).
     cdef Py_ssize_t nkt = _cdiv(K, TW), br = blk // nkt, r, k, q, m, i, j
-    cdef Py_ssize_t G = _group_rows(x), pt = _pf_tile(x)
+    cdef Py_ssize_t G = _group_rows(x), pt
     cdef Py_ssize_t q0 = (blk % nkt) * TW, q1 = _imin(K, q0 + TW)
     cdef Py_ssize_t r0 = br * ROW_BLOCK, r1 = _imin(N, r0 + ROW_BLOCK), rq = r0
     cdef Py_ssize_t kc = q0 + (q1 - q0) // CHUNK * CHUNK
@@ -1293,11 +1295,8 @@ cdef inline void _rows_grad_input_block(const floating* dy, const floating* x,
     cdef const floating* dr
     cdef const floating* xr
     cdef floating* outr
-    if (TW >= K and PF_COEF_MIN <= 5 * 8 * K <= PF_COEF
-            and N * K * sizeof(floating) >= PF_GI_MIN_BYTES):
-        _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, 0, K, dx_out)
-        return
-    if TW >= K and 5 * 8 * K > PF_COEF and N * K * sizeof(floating) >= PF_GI_MIN_BYTES:
+    if TW >= K and 5 * 8 * K >= PF_COEF_MIN and N * K * sizeof(floating) >= PF_GI_MIN_BYTES:
+        pt = K if 5 * 8 * K <= PF_COEF else _pf_tile(x)   # whole rows: one tile
         for m in range(_cdiv(K, pt)):
             _rows_grad_input_ahead(dy, x, ce, cs, ca, cb, ck, N, K, r0, r1, m * pt,
                                    _imin(K, m * pt + pt), dx_out)
@@ -1386,28 +1385,24 @@ cdef inline void _planes_grad_input_block(const floating* dy, const floating* x,
                                           const double* k0, Py_ssize_t N, Py_ssize_t C,
                                           Py_ssize_t S, Py_ssize_t blk,
                                           floating* dx_out, bint ahead) noexcept nogil:
-    # Block blk as in _planes_affine_block. With ahead, each piece of PIECE values
-    # first asks for dy, x (to read) and dx (to write) PF_BYTES further on, which
-    # may be the next segment's (see _grad_input_planes).
+    # Block blk as in _planes_affine_block, in pieces of PIECE values. With ahead,
+    # each piece first asks for dy, x (to read) and dx (to write) PF_BYTES further
+    # on, which may be the next segment's (see _grad_input_planes).
     cdef Py_ssize_t nseg = _cdiv(S, SEG), c = (blk // nseg) % C, i, m, kb, ke
     cdef Py_ssize_t off = (blk // nseg) * S + (blk % nseg) * SEG
     cdef Py_ssize_t L = _imin(SEG, S - (blk % nseg) * SEG)
     cdef Py_ssize_t T = N * C * S, A = PF_BYTES // sizeof(floating)
     cdef double ce = center[c], cs = invstd[c], ca = a[c], cb = b[c], ck = k0[c]
     bncy_assert(off + L <= N * C * S and c < C)
-    if ahead:
-        for m in range(_cdiv(L, PIECE)):
-            kb = off + m * PIECE
-            ke = _imin(off + L, kb + PIECE)
-            if kb + A + (ke - kb) <= T:
-                _prefetch_run(dy + kb + A, ke - kb)
-                _prefetch_run(x + kb + A, ke - kb)
-                _prefetch_run_w(dx_out + kb + A, ke - kb)
-            for i in range(kb, ke):
-                dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
-        return
-    for i in range(off, off + L):
-        dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
+    for m in range(_cdiv(L, PIECE)):
+        kb = off + m * PIECE
+        ke = _imin(off + L, kb + PIECE)
+        if ahead and kb + A + (ke - kb) <= T:
+            _prefetch_run(dy + kb + A, ke - kb)
+            _prefetch_run(x + kb + A, ke - kb)
+            _prefetch_run_w(dx_out + kb + A, ke - kb)
+        for i in range(kb, ke):
+            dx_out[i] = <floating> (dy[i] * ca + ((x[i] - ce) * cs) * cb + ck)
 
 
 cdef int _grad_input_planes(const floating* dy, const floating* x, const double* center,
