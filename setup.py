@@ -107,7 +107,8 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 NUMPY = {"include_dirs": [numpy.get_include()],
          "define_macros": [("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION"),
                            ("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION")]}
-extensions = [Extension("bncy._kernels", ["bncy/_kernels.pyx"], **NUMPY)]
+extensions = [Extension("bncy._buffers", ["bncy/_buffers.pyx"], **NUMPY),
+              Extension("bncy._kernels", ["bncy/_kernels.pyx"], **NUMPY)]
 if X86_64 and os.environ.get("BNCY_NO_AVX2", "0") in ("", "0"):
     extensions += [Extension("bncy._kernels_avx2", ["bncy/_kernels_avx2.pyx"], **NUMPY),
                    Extension("bncy._kernels_avx512", ["bncy/_kernels_avx512.pyx"], **NUMPY)]

@@ -13,6 +13,7 @@ from bncy._api import (
     apply_stats,
     backward,
     batch_stats,
+    buffer_cache_info,
     forward,
     grad_stats,
     inference,
@@ -20,6 +21,7 @@ from bncy._api import (
     merge_grad_stats,
     merge_stats,
     openmp_enabled,
+    set_buffer_cache,
 )
 from bncy._layer import BatchNorm
 from bncy._version import __version__
@@ -27,5 +29,6 @@ from bncy._version import __version__
 __all__ = [
     "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "isa", "reference",
     "batch_stats", "merge_stats", "apply_stats", "grad_stats", "merge_grad_stats",
-    "apply_grad", "BatchStats", "GradStats", "__version__",
+    "apply_grad", "BatchStats", "GradStats", "set_buffer_cache", "buffer_cache_info",
+    "__version__",
 ]

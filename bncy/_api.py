@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from bncy import _buffers
 from bncy import _kernels as _baseline
 
 
@@ -70,7 +71,7 @@ _Floats = NDArray[np.floating]
 __all__ = [
     "forward", "backward", "inference", "openmp_enabled", "isa",
     "BatchStats", "GradStats", "batch_stats", "merge_stats", "apply_stats",
-    "grad_stats", "merge_grad_stats", "apply_grad",
+    "grad_stats", "merge_grad_stats", "apply_grad", "set_buffer_cache", "buffer_cache_info",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -91,6 +92,97 @@ def isa() -> str:
     'baseline' (AVX-512 for float32 data and arrays that fit in L2, AVX2 for the
     rest; see the README's Wheels section)."""
     return _kernels_wide.isa()
+
+
+# ---------------------------------------------------------------------------
+# The cache of freed output buffers (bncy._buffers)
+# ---------------------------------------------------------------------------
+
+def _check_cache_limit(limit, name: str) -> int:
+    if isinstance(limit, bool):
+        raise TypeError(f"bncy: {name} must be an integer number of bytes, got bool")
+    try:
+        n = operator.index(limit)
+    except TypeError:
+        raise TypeError(
+            f"bncy: {name} must be an integer number of bytes, got {type(limit).__name__}"
+        ) from None
+    if n < 0:
+        raise ValueError(f"bncy: {name} must be >= 0 bytes, got {n}")
+    return n
+
+
+def _default_cache_limit() -> int:
+    """BNCY_BUFFER_CACHE (bytes) when set, else 1 GiB or an eighth of the
+    machine's memory, whichever is less."""
+    env = os.environ.get("BNCY_BUFFER_CACHE", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(
+                f"bncy: BNCY_BUFFER_CACHE must be an integer number of bytes, got {env!r}"
+            ) from None
+        return _check_cache_limit(n, "BNCY_BUFFER_CACHE")
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        ram = 8 << 30
+    return min(1 << 30, ram // 8)
+
+
+def set_buffer_cache(limit: int) -> int:
+    """Set how many bytes of freed output buffers bncy may keep for reuse.
+
+    The outputs bncy allocates (``y``, ``dx``, and the C-ordered copies of
+    inputs in other layouts) of 4 MiB or more come from a cache: when such an
+    array and every view of it are gone, its memory waits there (up to
+    ``limit`` bytes in all, oldest dropped first) and the next output of the
+    same size reuses it. Memory the system hands out fresh has to be zeroed
+    on first touch, which cost as much as the batch norm pass itself on large
+    arrays (see the README's Performance section). ``out=`` arrays and the
+    caller's own arrays are never involved.
+
+    Parameters
+    ----------
+    limit : int
+        Bytes the cache may hold, ``>= 0``. 0 empties it and allocates every
+        output fresh. The default is the environment variable
+        ``BNCY_BUFFER_CACHE`` when set, else 1 GiB or an eighth of the
+        machine's memory, whichever is less.
+
+    Returns
+    -------
+    int
+        The previous limit.
+
+    Raises
+    ------
+    TypeError
+        If ``limit`` is not an integer.
+    ValueError
+        If ``limit`` is negative.
+    """
+    return _buffers.set_limit(_check_cache_limit(limit, "limit"))
+
+
+def buffer_cache_info() -> dict:
+    """The state of the output buffer cache (see :func:`set_buffer_cache`).
+
+    Returns
+    -------
+    dict
+        ``limit`` (bytes the cache may hold), ``held`` (bytes it holds now),
+        ``blocks`` (how many buffers those are), ``hits`` and ``misses`` (cached
+        allocations served from it and allocated fresh, since import), and
+        ``min_bytes`` (the smallest output it serves).
+    """
+    limit, held, blocks, hits, misses = _buffers.info()
+    return {"limit": limit, "held": held, "blocks": blocks, "hits": hits,
+            "misses": misses, "min_bytes": _buffers.MIN_BYTES}
+
+
+_buffers.set_limit(_default_cache_limit())
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +289,11 @@ def _layout_perm(a: np.ndarray):
 def _in_order(a: np.ndarray, perm) -> np.ndarray:
     """``a`` transposed by perm and made C-contiguous (a copy only when needed)."""
     t = a if perm is None else a.transpose(perm)
-    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
+    if t.flags.c_contiguous:
+        return t
+    c = _buffers.empty(t.shape, t.dtype)
+    np.copyto(c, t)
+    return c
 
 
 def _ncs_shape(shape: tuple, axis: int) -> tuple:
@@ -247,7 +343,7 @@ def _result(t: np.ndarray, perm) -> np.ndarray:
 
 
 def _alloc_like(t: np.ndarray, out, perm) -> np.ndarray:
-    return np.empty_like(t) if out is None else _in_order(out, perm)
+    return _buffers.empty(t.shape, t.dtype) if out is None else _in_order(out, perm)
 
 
 def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps):

@@ -1729,6 +1729,8 @@ def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any s
 
 cimport numpy as cnp
 from libc.math cimport isfinite
+
+from bncy._buffers cimport new_array
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
@@ -1851,11 +1853,10 @@ cdef void* _plain_out(object out, object x, int t) noexcept:
 
 cdef cnp.ndarray _out_or_new(object out, object x, int t):
     # out when given (already accepted by _plain_out), else a new array of x's
-    # shape and dtype t.
+    # shape and dtype t (from bncy._buffers' cache when large).
     if out is not None:
         return <cnp.ndarray> out
-    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray> x),
-                             cnp.PyArray_DIMS(<cnp.ndarray> x), t, 0)
+    return new_array(cnp.PyArray_NDIM(<cnp.ndarray> x), cnp.PyArray_DIMS(<cnp.ndarray> x), t)
 
 
 cdef void _ema(void* r, int t, const double* v, Py_ssize_t C, double momentum,

@@ -10,12 +10,14 @@ writes y; training forward also reads x once more for the statistics, unless x
 fits in the last-level cache; backward reads x and dy for the sums and again
 for dx (unless they fit in cache), and writes dx.
 
-By default every call returns fresh output arrays, as a user's call does. Outputs
-beyond glibc's 32 MiB mmap threshold are then fresh pages that the kernel
-faults in and zeroes on every call (one more write of the output, and page
-faults), a cost of the allocation rather than of either library. ``--out``
-writes into preallocated outputs instead (bncy's ``out=``, torch's ``.out``
-overloads) and so times the kernels alone.
+By default every call returns new output arrays, as a user's call does. torch's
+outputs beyond glibc's 32 MiB mmap threshold are then fresh pages that the
+kernel faults in and zeroes on every call (one more write of the output, and
+page faults); bncy's come from its cache of freed output buffers
+(``bncy.set_buffer_cache``), as they do in a user's training loop, unless
+``--no-cache`` turns that off for the run. ``--out`` writes into preallocated
+outputs instead (bncy's ``out=``, torch's ``.out`` overloads) and so times the
+kernels alone.
 """
 
 from __future__ import annotations
@@ -294,6 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", action="store_true",
                    help="bncy and torch write into preallocated outputs (out=, .out): "
                         "the kernels without the cost of fresh output pages")
+    p.add_argument("--no-cache", action="store_true",
+                   help="bncy allocates every output fresh (bncy.set_buffer_cache(0)), "
+                        "as torch does")
     p.add_argument("--shape", action="append", metavar="AxBxC[:AXIS]",
                    help="a case to run instead of the default matrix (repeatable), e.g. "
                         "256x512x7x7 or 256x7x7x512:-1 (channel axis 1 unless given)")
@@ -314,16 +319,26 @@ def main(argv=None) -> int:
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
         p.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
-    rows, bws = run(threads, shapes, dtypes, repeats, budget,
-                    with_reference=not args.no_reference, peers=peers, prealloc=args.out)
+    cache = bncy.set_buffer_cache(0) if args.no_cache else None
+    try:
+        rows, bws = run(threads, shapes, dtypes, repeats, budget,
+                        with_reference=not args.no_reference, peers=peers,
+                        prealloc=args.out)
+        cache_info = bncy.buffer_cache_info()
+    finally:
+        if cache is not None:
+            bncy.set_buffer_cache(cache)
     print(f"bncy {bncy.__version__}, OpenMP {bncy.openmp_enabled()}, isa {bncy.isa()}, "
           f"{platform.machine()}, {platform.python_version()}; outputs "
-          + ("preallocated (--out)" if args.out else "fresh per call"))
+          + ("preallocated (--out)" if args.out else
+             "new per call, bncy's " + ("fresh (--no-cache)" if args.no_cache
+                                        else "from its buffer cache")))
     print(table(rows, bws, peers))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine(),
-                       "isa": bncy.isa(), "preallocated_outputs": args.out}, fh, indent=1)
+                       "isa": bncy.isa(), "preallocated_outputs": args.out,
+                       "buffer_cache": cache_info}, fh, indent=1)
     if args.plot:
         plot(rows, bws, args.plot)
     return 0

@@ -93,3 +93,17 @@ def test_torch_out_overloads_write_the_same_results():
             n = 3 if op != "inference" else 1   # inference leaves save_* undefined
             for u, v in zip(a[:n], b[:n]):
                 np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_no_cache_runs_without_the_cache_and_restores_it(tmp_path, capsys):
+    import json
+
+    import bncy
+
+    limit = bncy.buffer_cache_info()["limit"]
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--threads", "1", "--dtypes", "float32", "--no-reference",
+                       "--no-cache", "--shape", "64x8", "--json", str(out)]) == 0
+    assert "fresh (--no-cache)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["buffer_cache"]["limit"] == 0
+    assert bncy.buffer_cache_info()["limit"] == limit
