@@ -30,8 +30,9 @@ CASES = [
                             # columns, with row and column remainders
     ((2305, 129), 1),       # float32 whole rows beyond L2 (1.2 MB): the prefetching
                             # backward sums; 9 row blocks and a last one of 1 row
-    ((8193, 520), 1),       # rows of 520 columns beyond 16 MiB: the prefetching
-                            # grad_input, whole rows; 33 row blocks, the last of 1 row
+    ((12801, 500), 1),      # rows of 500 columns beyond 24 MiB (both dtypes): the
+                            # prefetching moments and grad_input, whole rows, pieces of
+                            # 64 columns and one of 52; 51 row blocks, the last of 1 row
     ((4097, 1030), 1),      # rows of 1030 columns beyond 16 MiB: grad_input in prefetching
                             # tiles (float32 768 + 262 columns, float64 512 + 512 + 6)
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
