@@ -17,7 +17,8 @@ its data as usual and NumPy gives the block back to this handler's free when
 the array and every view of it are gone. Freed blocks of at least MIN_BYTES
 wait in a small list, newest first, while their total stays within the limit
 (oldest dropped first); an allocation of exactly a waiting block's size takes
-the newest such block. Blocks are 2 MiB-aligned and asked for huge pages, as
+the newest such block, and one that the system refuses is tried again after
+every waiting block is given back. Blocks are 2 MiB-aligned and asked for huge pages, as
 NumPy does for its own large arrays. Every other allocation, and every array
 not made by bncy, goes through NumPy's usual allocator. A lock guards the list
 (NumPy may free from any thread).
@@ -103,13 +104,34 @@ cdef extern from *:
         return k;
     }
 
+    /* Frees every waiting block (the limit stays). */
+    static void bncy_drop_all(void) {
+        void* drop[BNCY_SLOTS + 1];
+        int k, i;
+        size_t limit;
+        PyThread_acquire_lock(bncy_lock, WAIT_LOCK);
+        limit = bncy_limit;
+        bncy_limit = 0;
+        k = bncy_evict(0, drop);
+        bncy_limit = limit;
+        PyThread_release_lock(bncy_lock);
+        for (i = 0; i < k; i++)
+            free(drop[i]);
+    }
+
     static void* bncy_malloc(void* ctx, size_t n) {
         void* p;
         (void)ctx;
         if (n < BNCY_MIN_BYTES)
             return malloc(n);
         p = bncy_take(n);
-        return p != NULL ? p : bncy_fresh(n);
+        if (p == NULL)
+            p = bncy_fresh(n);
+        if (p == NULL) {       /* out of memory: give the waiting blocks back first */
+            bncy_drop_all();
+            p = bncy_fresh(n);
+        }
+        return p;
     }
 
     static void* bncy_calloc(void* ctx, size_t nelem, size_t elsize) {

@@ -228,3 +228,30 @@ def test_environment_variable():
     for bad in ("lots", "-5"):
         r = _limit_in_subprocess(bad)
         assert r.returncode != 0 and "BNCY_BUFFER_CACHE" in r.stderr
+
+
+OOM_SCRIPT = r"""
+import re, resource, numpy as np, bncy
+MIB = 1 << 20
+xa = np.ones((96 * MIB // 4 // 1024, 1024), np.float32)
+xb = np.ones((300 * MIB // 4 // 1024, 1024), np.float32)
+ys = [bncy.forward(xa, n_threads=1)[0] for _ in range(3)]
+del ys  # three 96 MiB blocks wait in the cache
+assert bncy.buffer_cache_info()["held"] == 3 * xa.nbytes
+vm = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 250 * MIB, resource.RLIM_INFINITY))
+y = bncy.forward(xb, n_threads=1)[0]  # 300 MiB: fits only once the cache lets go
+assert bncy.buffer_cache_info()["held"] == 0
+assert float(y[5, 7]) == 0.0
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and RLIMIT_AS")
+def test_out_of_memory_gives_the_cache_back():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bncy.__file__)))
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, BNCY_BUFFER_CACHE=str(1 << 30), PYTHONPATH=path)
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
