@@ -209,24 +209,25 @@ def test_limit_value_error(cache):
     assert bncy.buffer_cache_info()["limit"] == 5 * MIB
 
 
-def _limit_in_subprocess(value):
-    # the bncy under test, wherever it was imported from
+def _python(code, cache, cwd):
+    """Run code in a new interpreter with BNCY_BUFFER_CACHE=cache and the bncy under
+    test first on its path (run from cwd, away from a source tree's bncy/)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(bncy.__file__)))
     path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = dict(os.environ, BNCY_BUFFER_CACHE=value, PYTHONPATH=path)
-    code = "import bncy; print(bncy.buffer_cache_info()['limit'])"
+    env = dict(os.environ, BNCY_BUFFER_CACHE=cache, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True)
+                          text=True, cwd=cwd)
 
 
-def test_environment_variable():
-    r = _limit_in_subprocess(str(12 * MIB))
+def test_environment_variable(tmp_path):
+    code = "import bncy; print(bncy.buffer_cache_info()['limit'])"
+    r = _python(code, str(12 * MIB), tmp_path)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) == 12 * MIB
-    r = _limit_in_subprocess("0")
+    r = _python(code, "0", tmp_path)
     assert r.returncode == 0 and int(r.stdout) == 0
     for bad in ("lots", "-5"):
-        r = _limit_in_subprocess(bad)
+        r = _python(code, bad, tmp_path)
         assert r.returncode != 0 and "BNCY_BUFFER_CACHE" in r.stderr
 
 
@@ -248,10 +249,6 @@ print("ok")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and RLIMIT_AS")
-def test_out_of_memory_gives_the_cache_back():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(bncy.__file__)))
-    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = dict(os.environ, BNCY_BUFFER_CACHE=str(1 << 30), PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT], env=env, capture_output=True,
-                       text=True)
+def test_out_of_memory_gives_the_cache_back(tmp_path):
+    r = _python(OOM_SCRIPT, str(1 << 30), tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
