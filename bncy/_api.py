@@ -98,18 +98,22 @@ def isa() -> str:
 # The cache of freed output buffers (bncy._buffers)
 # ---------------------------------------------------------------------------
 
-def _check_cache_limit(limit, name: str) -> int:
-    if isinstance(limit, bool):
-        raise TypeError(f"bncy: {name} must be an integer number of bytes, got bool")
+def _check_int(value, name: str, what: str, minimum: int, unit: str = "") -> int:
+    """value as an int >= minimum: TypeError for a bool or a non-integer (``what``
+    says what was expected), ValueError below minimum."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"bncy: {name} must be {what}, got bool")
     try:
-        n = operator.index(limit)
+        n = operator.index(value)
     except TypeError:
-        raise TypeError(
-            f"bncy: {name} must be an integer number of bytes, got {type(limit).__name__}"
-        ) from None
-    if n < 0:
-        raise ValueError(f"bncy: {name} must be >= 0 bytes, got {n}")
+        raise TypeError(f"bncy: {name} must be {what}, got {type(value).__name__}") from None
+    if n < minimum:
+        raise ValueError(f"bncy: {name} must be >= {minimum}{unit}, got {n}")
     return n
+
+
+def _check_cache_limit(limit, name: str) -> int:
+    return _check_int(limit, name, "an integer number of bytes", 0, " bytes")
 
 
 def _default_cache_limit() -> int:
@@ -257,16 +261,7 @@ def _resolve_threads(n_threads, size: int) -> int:
     if n_threads is None:
         nt = _kernels.max_threads()
     else:
-        if isinstance(n_threads, (bool, np.bool_)):
-            raise TypeError("bncy: n_threads must be an integer or None, got bool")
-        try:
-            nt = operator.index(n_threads)
-        except TypeError:
-            raise TypeError(
-                f"bncy: n_threads must be an integer or None, got {type(n_threads).__name__}"
-            ) from None
-        if nt < 1:
-            raise ValueError(f"bncy: n_threads must be >= 1, got {nt}")
+        nt = _check_int(n_threads, "n_threads", "an integer or None", 1)
     return 1 if size < SMALL_WORK else nt
 
 
