@@ -544,7 +544,9 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     Returns
     -------
     y : ndarray of x's shape and dtype
-        ``gamma * (x - mean) * invstd + beta``; ``out`` when given.
+        ``gamma * (x - mean) * invstd + beta``; ``out`` when given, else a new
+        array (of 4 MiB or more: memory from bncy's buffer cache, see
+        :func:`set_buffer_cache`).
     mean : ndarray of shape (C,), float64
         The batch mean.
     invstd : ndarray of shape (C,), float64
@@ -604,7 +606,8 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     Returns
     -------
     y : ndarray of x's shape and dtype
-        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; ``out``
+        or a new array, as in :func:`forward`.
 
     Raises
     ------
@@ -667,6 +670,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     Returns
     -------
     dx : ndarray of x's shape and dtype
+        ``out`` or a new array, as in :func:`forward`.
     dgamma, dbeta : ndarray of shape (C,), x's dtype
 
     Raises
