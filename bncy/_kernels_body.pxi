@@ -894,7 +894,7 @@ cdef int _moments_rows_narrow(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_
 
 
 cdef void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
-                                Py_ssize_t S, Py_ssize_t b, bint ahead, double* pmean,
+                                Py_ssize_t S, Py_ssize_t b, double* pmean,
                                 double* pm2) noexcept nogil:
     # Block b: segment g = b % nseg of run nc = b // nseg; into partial row
     # j = n * nseg + g, column c. float32: one sweep of shifted pieces
@@ -902,9 +902,10 @@ cdef void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
     # (in L1) left no load in flight during the second: NCHW (32, 64, 56, 56)
     # moments 0.9 -> 0.7 ms at 1 thread. float64: those two sweeps (exact
     # deviations, so that only |x - mean| near 1e154 overflows, see _api), the
-    # second asking for the next segment (ahead: arrays beyond L2;
-    # _run_sqdev_ahead): NCHW (32, 64, 56, 56) 1.69 -> 1.12 ms at 1 thread, 0.86
-    # -> 0.62 ms at 2; (256, 512, 14, 14) 8.0-9.4 -> 7.4-7.7 and 4.95 -> 4.18.
+    # second asking for the next segment (arrays beyond L2; _run_sqdev_ahead):
+    # NCHW (32, 64, 56, 56) 1.69 -> 1.12 ms at 1 thread, 0.86 -> 0.62 ms at 2;
+    # (256, 512, 14, 14) 8.0-9.4 -> 7.4-7.7 and 4.95 -> 4.18. (A flag argument
+    # for it instead made gcc 12 compile the float32 sweep 1.1-1.5x slower.)
     cdef Py_ssize_t nseg = _cdiv(S, SEG), g = b % nseg, nc = b // nseg
     cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
     cdef double mean
@@ -914,7 +915,7 @@ cdef void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
         return
     mean = _run_sum(x + nc * S + s0, L) / L
     pmean[j * C + nc % C] = mean
-    if ahead and b + 1 < N * C * nseg:
+    if N * C * S * 8 >= PF_MIN_BYTES and b + 1 < N * C * nseg:
         pm2[j * C + nc % C] = _run_sqdev_ahead(x + nc * S + s0, L, mean,
                                                x + nc * S + s0 + L,
                                                _imin(SEG, N * C * S - (nc * S + s0 + L)))
@@ -931,20 +932,19 @@ cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
     cdef double* part = <double*> malloc(2 * J * C * sizeof(double))
     cdef double* pmean
     cdef double* pm2
-    cdef bint ahead = floating is double and N * C * S * 8 >= PF_MIN_BYTES
     if part == NULL:
         return -1
     pmean = part
     pm2 = part + J * C
     if n_threads > 1:
         for b in prange(N * C * nseg, schedule='static', num_threads=n_threads):
-            _planes_moments_block(x, N, C, S, b, ahead, pmean, pm2)
+            _planes_moments_block(x, N, C, S, b, pmean, pm2)
         for kt in prange(_cdiv(C, COL_TILE), schedule='static', num_threads=n_threads):
             _merge_moments(pmean, pm2, J, C, kt * COL_TILE, _imin(C, (kt + 1) * COL_TILE),
                            SEG, S, nseg, mean_out, m2_out)
     else:
         for b in range(N * C * nseg):
-            _planes_moments_block(x, N, C, S, b, ahead, pmean, pm2)
+            _planes_moments_block(x, N, C, S, b, pmean, pm2)
         _merge_moments(pmean, pm2, J, C, 0, C, SEG, S, nseg, mean_out, m2_out)
     free(part)
     return 0
