@@ -52,7 +52,7 @@
 #   float32 grad_input on one thread, beyond L2, asks for dy, x and dx PF_BYTES
 #   ahead (_grad_input_planes).
 #   float64 moments beyond L2 ask for the next segment while they sum the
-#   squared deviations of this one (_run_sqdev_ahead).
+#   squared deviations of this one (_run_sqdev).
 #
 # Precision. Statistics accumulate in float64 whatever the input dtype, and never
 # as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the
@@ -522,28 +522,12 @@ cdef inline double _run_sum(const floating* p, Py_ssize_t L) noexcept nogil:
     return _pairwise(acc)
 
 
-cdef inline double _run_sqdev(const floating* p, Py_ssize_t L, double c) noexcept nogil:
-    # Sum of (p[i] - c)**2, in the pattern of _run_sum.
-    cdef double acc[NACC]
-    cdef double d
-    cdef Py_ssize_t i, j, Lv = L - L % NACC
-    for j in range(NACC):
-        acc[j] = 0.0
-    for i in range(0, Lv // NACC):
-        for j in range(NACC):
-            d = p[i * NACC + j] - c
-            acc[j] += d * d
-    for i in range(Lv, L):
-        d = p[i] - c
-        acc[i - Lv] += d * d
-    return _pairwise(acc)
-
-
-cdef inline double _run_sqdev_ahead(const double* p, Py_ssize_t L, double c,
-                                    const double* nxt, Py_ssize_t Ln) noexcept nogil:
-    # _run_sqdev(p, L, c) (the same sums in the same order) asking for nxt[0:Ln]
-    # as it goes, PIECE values at a time: the next segment's lines come in from
-    # memory while this sweep runs on L1 (see _planes_moments_block).
+cdef inline double _run_sqdev(const floating* p, Py_ssize_t L, double c,
+                              const floating* nxt, Py_ssize_t Ln) noexcept nogil:
+    # Sum of (p[i] - c)**2, in the pattern of _run_sum, PIECE values at a time,
+    # each piece first asking for the next PIECE values of nxt[0:Ln] (Ln = 0: no
+    # hints): the next segment's lines come in from memory while this sweep
+    # runs on L1 (see _planes_moments_block). A hint changes no value.
     cdef double acc[NACC]
     cdef double d
     cdef Py_ssize_t i, j, m, Lv = L - L % NACC, per = PIECE // NACC
@@ -902,25 +886,24 @@ cdef void _planes_moments_block(const floating* x, Py_ssize_t N, Py_ssize_t C,
     # (in L1) left no load in flight during the second: NCHW (32, 64, 56, 56)
     # moments 0.9 -> 0.7 ms at 1 thread. float64: those two sweeps (exact
     # deviations, so that only |x - mean| near 1e154 overflows, see _api), the
-    # second asking for the next segment (arrays beyond L2; _run_sqdev_ahead):
+    # second asking for the next segment (arrays beyond L2; _run_sqdev):
     # NCHW (32, 64, 56, 56) 1.69 -> 1.12 ms at 1 thread, 0.86 -> 0.62 ms at 2;
     # (256, 512, 14, 14) 8.0-9.4 -> 7.4-7.7 and 4.95 -> 4.18. (A flag argument
     # for it instead made gcc 12 compile the float32 sweep 1.1-1.5x slower.)
     cdef Py_ssize_t nseg = _cdiv(S, SEG), g = b % nseg, nc = b // nseg
     cdef Py_ssize_t s0 = g * SEG, L = _imin(SEG, S - s0), j = (nc // C) * nseg + g
+    cdef Py_ssize_t o, Ln = 0
     cdef double mean
     bncy_assert(nc < N * C and s0 + L <= S and j < N * nseg)
     if floating is float:
         _run_moments(x + nc * S + s0, L, &pmean[j * C + nc % C], &pm2[j * C + nc % C])
         return
-    mean = _run_sum(x + nc * S + s0, L) / L
+    o = nc * S + s0
+    mean = _run_sum(x + o, L) / L
     pmean[j * C + nc % C] = mean
-    if N * C * S * 8 >= PF_MIN_BYTES and b + 1 < N * C * nseg:
-        pm2[j * C + nc % C] = _run_sqdev_ahead(x + nc * S + s0, L, mean,
-                                               x + nc * S + s0 + L,
-                                               _imin(SEG, N * C * S - (nc * S + s0 + L)))
-        return
-    pm2[j * C + nc % C] = _run_sqdev(x + nc * S + s0, L, mean)
+    if N * C * S * 8 >= PF_MIN_BYTES:   # beyond L2: ask for the next segment
+        Ln = _imin(SEG, N * C * S - (o + L))
+    pm2[j * C + nc % C] = _run_sqdev(x + o, L, mean, x + o + L, Ln)
 
 
 cdef int _moments_planes(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
