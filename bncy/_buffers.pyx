@@ -37,7 +37,6 @@ cnp.import_array()
 cdef extern from *:
     """
     #include <stdlib.h>
-    #include <string.h>
     #include <pythread.h>
     #if defined(__linux__)
     #include <sys/mman.h>
@@ -88,12 +87,13 @@ cdef extern from *:
         return p;
     }
 
-    /* Drops the oldest blocks until `room` more bytes fit within the limit and
-       a slot is free (room 0: until the held bytes are within the limit);
-       returns how many, their pointers in out[] to be freed after the lock. */
-    static int bncy_evict(size_t room, void** out) {
+    /* With the lock held: drops the oldest blocks until `room` more bytes fit
+       within `cap` and a slot is free (room 0: until the held bytes are within
+       cap); returns how many, their pointers in out[] to be freed after the
+       lock (bncy_release). */
+    static int bncy_evict(size_t cap, size_t room, void** out) {
         int k = 0, i;
-        while (bncy_count > 0 && (bncy_held + room > bncy_limit
+        while (bncy_count > 0 && (bncy_held + room > cap
                                   || (room > 0 && bncy_count == BNCY_SLOTS))) {
             out[k++] = bncy_list[0].p;
             bncy_held -= bncy_list[0].n;
@@ -104,19 +104,20 @@ cdef extern from *:
         return k;
     }
 
+    static void bncy_release(void** drop, int k) {
+        int i;
+        for (i = 0; i < k; i++)
+            free(drop[i]);
+    }
+
     /* Frees every waiting block (the limit stays). */
     static void bncy_drop_all(void) {
         void* drop[BNCY_SLOTS + 1];
-        int k, i;
-        size_t limit;
+        int k;
         PyThread_acquire_lock(bncy_lock, WAIT_LOCK);
-        limit = bncy_limit;
-        bncy_limit = 0;
-        k = bncy_evict(0, drop);
-        bncy_limit = limit;
+        k = bncy_evict(0, 0, drop);
         PyThread_release_lock(bncy_lock);
-        for (i = 0; i < k; i++)
-            free(drop[i]);
+        bncy_release(drop, k);
     }
 
     static void* bncy_malloc(void* ctx, size_t n) {
@@ -146,14 +147,14 @@ cdef extern from *:
 
     static void bncy_free(void* ctx, void* p, size_t n) {
         void* drop[BNCY_SLOTS + 1];
-        int k = 0, i, kept = 0;
+        int k = 0, kept = 0;
         (void)ctx;
         if (p == NULL)
             return;
         if (n >= BNCY_MIN_BYTES) {
             PyThread_acquire_lock(bncy_lock, WAIT_LOCK);
             if (n <= bncy_limit) {
-                k = bncy_evict(n, drop);
+                k = bncy_evict(bncy_limit, n, drop);
                 bncy_list[bncy_count].p = p;
                 bncy_list[bncy_count].n = n;
                 bncy_count++;
@@ -162,8 +163,7 @@ cdef extern from *:
             }
             PyThread_release_lock(bncy_lock);
         }
-        for (i = 0; i < k; i++)
-            free(drop[i]);
+        bncy_release(drop, k);
         if (!kept)
             free(p);
     }
@@ -171,15 +171,14 @@ cdef extern from *:
     /* Sets the limit, dropping the oldest blocks beyond it; returns the old one. */
     static size_t bncy_set_limit(size_t limit) {
         void* drop[BNCY_SLOTS + 1];
-        int k, i;
+        int k;
         size_t old;
         PyThread_acquire_lock(bncy_lock, WAIT_LOCK);
         old = bncy_limit;
         bncy_limit = limit;
-        k = bncy_evict(0, drop);
+        k = bncy_evict(limit, 0, drop);
         PyThread_release_lock(bncy_lock);
-        for (i = 0; i < k; i++)
-            free(drop[i]);
+        bncy_release(drop, k);
         return old;
     }
 

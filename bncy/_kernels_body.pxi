@@ -339,6 +339,8 @@ cdef inline void _rows_moments_ahead(
     # PF_MOM_BYTES ahead (up to row N). From memory the plain loop read 28 GB/s
     # on (65536, 512) float32 where a read sweep ran at 43 (a C probe, 1 thread);
     # with the hints 42. 4 KiB ahead, as the backward sums ask, was slower (23).
+    # A function of its own, like _rows_grad_sums_ahead, whose pieces inside the
+    # general block function slowed its column tiles (not measured here).
     cdef double p[COL_TILE]
     cdef double s1[COL_TILE]
     cdef double s2[COL_TILE]
@@ -1329,9 +1331,10 @@ cdef inline void _rows_grad_input_ahead(const floating* dy, const floating* x,
     # Columns k0:k1 of rows r0:r1 of _rows_grad_input_block, row after row, the
     # same operations per value, with prefetch hints: each piece of PIECE columns
     # first asks for the same columns of dy and x (to read) and of dx (to write)
-    # of the row PF_BYTES of such pieces ahead (up to row N). With the five coefficient vectors taking 16 to 32 KiB of the
-    # 48 KiB L1, the plain loop fell from 35 to 25 GB/s at 1 thread (rows of
-    # 384 columns: 12.5 ms for 128 MiB each of dy, x, dx; 448 columns: 15.7);
+    # of the row PF_BYTES of such pieces ahead (up to row N). With the five
+    # coefficient vectors taking 16 to 32 KiB of the 48 KiB L1, the plain loop
+    # fell from 35 to 25 GB/s at 1 thread (rows of 384 columns: 12.5 ms for 128
+    # MiB each of dy, x, dx; 448 columns: 15.7);
     # all three hints are needed (dx alone: 1.5x slower than none; dy and x
     # alone: no gain). A hint changes no value and no order.
     cdef Py_ssize_t ahead = _cdiv(PF_BYTES, (k1 - k0) * sizeof(floating)), r, ra, m, kb, ke, k
@@ -1828,9 +1831,9 @@ def ema_update(stat_t[:] r,             # IN/OUT (C,) a running statistic, any s
 
 cimport numpy as cnp
 from libc.math cimport isfinite
+from libc.string cimport memcpy, memset
 
 from bncy._buffers cimport new_array
-from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
