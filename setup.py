@@ -1,4 +1,5 @@
-"""Build the compiled kernels of bncy.
+"""Build the compiled kernels of bncy, and its cache of output buffers
+(``bncy._buffers``, a NumPy memory handler).
 
 Compiler flags live in one place, ``BuildExt``: ``-O3`` plus OpenMP
 (``-fopenmp`` with gcc/clang, ``/openmp`` with MSVC) when a probe program
