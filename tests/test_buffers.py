@@ -141,8 +141,8 @@ def test_limit_zero_turns_it_off(cache):
     y = bncy.forward(x)[0]
     assert _handler_name(y) != "bncy_buffers"
     assert bncy.buffer_cache_info()["hits"] == info["hits"]
-    assert_allclose(y, reference.forward(x)[0], **dict(zip(("rtol", "atol"),
-                                                            tolerances(np.float32))))
+    rtol, atol = tolerances(np.float32)
+    assert_allclose(y, reference.forward(x)[0], rtol=rtol, atol=atol)
 
 
 def test_small_outputs_and_out_bypass_it(cache):
