@@ -14,11 +14,16 @@ On x86-64 the same kernels are compiled twice more: with ``-mavx2``
 instructions. All perform the same IEEE operations in the same order, so results
 are identical.
 
+The kernels' Tempita templates (``bncy/kernels/*.pxi.tp``) are expanded here into
+the ``.pxi`` files beside them before Cython runs, as scikit-learn does for its
+``.pyx.tp`` files.
+
 ``BNCY_DEBUG=1`` builds with bounds checks, wraparound, initialisation checks,
 C assertions on every block's bounds (``bncy_assert`` in the kernels) and
 ``-O0 -g``.
 """
 
+import glob
 import os
 import platform
 import tempfile
@@ -26,6 +31,7 @@ import textwrap
 import warnings
 
 import numpy
+from Cython import Tempita
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -103,8 +109,25 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+def expand_templates():
+    """Write each bncy/kernels/*.pxi.tp, expanded, as the .pxi beside it when the
+    template is newer (Cython then sees the .pxi change and rebuilds)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for tp in glob.glob(os.path.join(here, "bncy", "kernels", "*.pxi.tp")):
+        out = tp[: -len(".tp")]
+        if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(tp):
+            continue
+        with open(tp, encoding="utf-8") as fh:
+            text = Tempita.sub(fh.read())
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(f"# Generated from {os.path.basename(tp)} by setup.py: edit that.\n")
+            fh.write(text)
+
+
+expand_templates()
+
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-# the fast paths (bncy/_kernels_body.pxi) use NumPy's C API
+# the fast paths and jobs (bncy/kernels/) use NumPy's C API
 NUMPY = {"include_dirs": [numpy.get_include()],
          "define_macros": [("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION"),
                            ("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION")]}

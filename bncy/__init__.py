@@ -14,14 +14,17 @@ from bncy._api import (
     backward,
     batch_stats,
     buffer_cache_info,
+    describe,
     forward,
     grad_stats,
     inference,
     isa,
+    knobs,
     merge_grad_stats,
     merge_stats,
     openmp_enabled,
     set_buffer_cache,
+    set_knobs,
 )
 from bncy._layer import BatchNorm
 from bncy._version import __version__
@@ -30,5 +33,5 @@ __all__ = [
     "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "isa", "reference",
     "batch_stats", "merge_stats", "apply_stats", "grad_stats", "merge_grad_stats",
     "apply_grad", "BatchStats", "GradStats", "set_buffer_cache", "buffer_cache_info",
-    "__version__",
+    "describe", "knobs", "set_knobs", "__version__",
 ]

@@ -17,13 +17,13 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bncy import _buffers
+from bncy import _buffers, _knobs
 from bncy import _kernels as _baseline
 
 
 def _select_kernels():
     """(kernels, wide): the build of the kernels for float64 arrays beyond L2, and
-    the one for float32 data and arrays that fit in L2 (see _kernels_for).
+    the one for float32 data and arrays that fit in L2 (see _build_for).
 
     kernels is the AVX2 build when the CPU has AVX2, else the baseline; wide is the
     AVX-512 build when the CPU has AVX-512 (F, CD, BW, DQ, VL), else kernels.
@@ -47,23 +47,55 @@ def _select_kernels():
 
 _kernels, _kernels_wide = _select_kernels()
 
-#: float64 arrays up to this size also run on the wide build (see _kernels_for).
-WIDE_F64_BYTES = 1 << 20
-#: The largest float64 array the wide build's fast paths take (all of them when
-#: the wide build is the AVX2 or baseline one).
-_FAST_F64_BYTES = WIDE_F64_BYTES if _kernels_wide is not _kernels else 1 << 62
+_BUILDS = tuple({id(m): m for m in (_baseline, _kernels, _kernels_wide)}.values())
+_CACHES = _knobs.caches()
+#: The speed knobs in force (see bncy._knobs and bncy/kernels/knobs.pxi).
+_KNOBS: dict = {}
+_KNOB_NAMES = frozenset(_baseline.KNOB_NAMES) | {"small_work", "wide_f64_bytes"}
+# Mirrors of three knobs, read on every call.
+SMALL_WORK = WIDE_F64_BYTES = _FAST_F64_BYTES = 0
 
 
-def _kernels_for(x: np.ndarray):
+def _build_for(dtype: np.dtype, nbytes: int):
     """The build of the kernels one call runs on. 512-bit vectors convert and
-    accumulate twice the values per instruction: float32 statistics passes ran
-    1.3-1.9x faster on this project's AMD EPYC (Zen 5) and the small calls 1.2-1.6x.
-    But float64 passes that stream from memory ran up to 1.7x slower with them
-    than with AVX2, so float64 arrays beyond L2 stay on the AVX2 build. Every
-    build computes the same bits."""
-    if x.dtype == _F32 or x.nbytes <= WIDE_F64_BYTES:
+    accumulate twice the values per instruction (float32 passes and small calls
+    ran faster with them), but float64 passes that stream from memory ran slower
+    than with AVX2, so float64 arrays beyond wide_f64_bytes stay on the AVX2
+    build. Every build computes the same bits."""
+    if dtype == _F32 or nbytes <= WIDE_F64_BYTES:
         return _kernels_wide
     return _kernels
+
+
+def set_knobs(**values: int) -> dict:
+    """Set speed knobs (see :func:`knobs`); returns the previous values of all.
+
+    No knob changes a result, only which loop computes it; tests use this to
+    drive every path on small arrays. Unknown names raise TypeError, values
+    that are not integers >= 0 TypeError or ValueError, before anything is set.
+    """
+    for name, v in values.items():
+        if name not in _KNOB_NAMES:
+            raise TypeError(f"bncy: unknown knob {name!r}; knobs are {sorted(_KNOB_NAMES)}")
+        # the narrow-row widths must hold a row of up to FLAT_MAX_K - 1 columns
+        values[name] = _check_int(v, name, "an integer", 16 if name.startswith("flat") else 0)
+    global SMALL_WORK, WIDE_F64_BYTES, _FAST_F64_BYTES
+    previous = dict(_KNOBS)
+    _KNOBS.update(values)
+    kernel = {k: v for k, v in _KNOBS.items() if k in _baseline.KNOB_NAMES}
+    for build in _BUILDS:
+        build.set_knobs(kernel)
+    SMALL_WORK = _KNOBS["small_work"]
+    WIDE_F64_BYTES = _KNOBS["wide_f64_bytes"]
+    # the largest float64 array the wide build's fast paths take
+    _FAST_F64_BYTES = WIDE_F64_BYTES if _kernels_wide is not _kernels else 1 << 62
+    return previous
+
+
+def knobs() -> dict:
+    """The speed knobs in force, and the cache sizes they were derived from
+    (``caches``: bytes, and where they were read)."""
+    return {**_KNOBS, "caches": dict(_CACHES)}
 
 
 _Floats = NDArray[np.floating]
@@ -72,14 +104,11 @@ __all__ = [
     "forward", "backward", "inference", "openmp_enabled", "isa",
     "BatchStats", "GradStats", "batch_stats", "merge_stats", "apply_stats",
     "grad_stats", "merge_grad_stats", "apply_grad", "set_buffer_cache", "buffer_cache_info",
+    "describe", "knobs", "set_knobs",
 ]
 
 _F32 = np.dtype(np.float32)
 _FLOATS = (_F32, np.dtype(np.float64))
-
-#: Below this many elements the kernels run on the calling thread: starting an
-#: OpenMP team costs more than it saves. Results do not depend on it.
-SMALL_WORK = 1 << 15
 
 
 def openmp_enabled() -> bool:
@@ -92,6 +121,35 @@ def isa() -> str:
     'baseline' (AVX-512 for float32 data and arrays that fit in L2, AVX2 for the
     rest; see the README's Wheels section)."""
     return _kernels_wide.isa()
+
+
+def describe(shape: Sequence[int], dtype, axis: int = 1,
+             n_threads: int | None = None) -> dict:
+    """Which path each job takes for a call on an array of this shape and dtype.
+
+    Returns a dict: ``ncs`` (the (N, C, S) view), ``n_threads`` (the threads the
+    call would use), ``build`` (the instruction set of the kernels it runs on),
+    and ``jobs``: for ``statistics``, ``normalize``, ``grad_sums`` and
+    ``grad_input``, the ``schedule`` (rows, rows narrow, planes), the
+    ``variant`` (plain, prefetch, chunked, ...) and the ``knobs`` that decided it
+    with their values. The kernels take their decisions from the same functions.
+    """
+    dt = np.dtype(dtype)
+    if dt not in _FLOATS:
+        raise TypeError(f"bncy: dtype {dt}; supported dtypes are float32 and float64")
+    shape = tuple(operator.index(n) for n in shape)
+    if len(shape) < 2 or min(shape) < 0:
+        raise ValueError(f"bncy: shape must have at least 2 dimensions >= 0, got {shape}")
+    ax = _check_axis(axis, len(shape))
+    N, C, S = _ncs_shape(shape, ax)
+    nt = _resolve_threads(n_threads, N * C * S)
+    build = _build_for(dt, N * C * S * dt.itemsize)
+    jobs = build.describe_paths(N, C, S, dt.itemsize, nt)
+    for job in jobs.values():
+        job["knobs"] = {name: _KNOBS[name] for name in job["knobs"]}
+    return {"ncs": (N, C, S), "n_threads": nt, "build": build.isa(), "jobs": jobs,
+            "decided_by": {"n_threads": {"small_work": SMALL_WORK},
+                           "build": {"wide_f64_bytes": WIDE_F64_BYTES}}}
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +245,8 @@ def buffer_cache_info() -> dict:
 
 
 _buffers.set_limit(_default_cache_limit())
+set_knobs(**{**_knobs.derive(_CACHES),
+             **_knobs.from_env(os.environ.get("BNCY_KNOBS", ""), _KNOB_NAMES)})
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +316,8 @@ def _check_eps(eps) -> float:
 
 
 def _resolve_threads(n_threads, size: int) -> int:
+    # Below small_work elements the kernels run on the calling thread: starting
+    # an OpenMP team costs more than it saves. Results do not depend on it.
     if type(n_threads) is int and n_threads >= 1:
         return 1 if size < SMALL_WORK else n_threads
     if n_threads is None:
@@ -374,16 +436,31 @@ def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps
 # split-phase functions below expose them so that any all-reduce can sit between.
 # ---------------------------------------------------------------------------
 
-class _Plan:
-    """Validated, layout-normalised arguments of one call."""
+class _TrainPlan:
+    """A validated training forward (bncy.forward, apply_stats) or batch_stats call:
+    x, y as C-contiguous (N, C, S) views and float64 per-channel vectors."""
 
-    __slots__ = ("x3", "dy3", "y3", "result", "C", "count", "gamma", "beta", "eps",
-                 "momentum", "running_mean", "running_var", "mean", "invstd", "nt", "dtype",
-                 "k")
+    __slots__ = ("x3", "y3", "result", "k", "nt", "C", "count", "gamma", "shift", "eps",
+                 "running_mean", "running_var", "momentum")
 
 
-def _layout(plan: _Plan, x: np.ndarray, ax: int, out, dy=None) -> None:
-    """Choose one axis order for x (dy) and the output; set the (N, C, S) views."""
+class _GradPlan:
+    """A validated backward (bncy.backward, grad_stats, apply_grad) call."""
+
+    __slots__ = ("x3", "y3", "dy3", "result", "k", "nt", "C", "count", "dtype", "mean",
+                 "invstd", "gamma")
+
+
+class _InferPlan:
+    """A validated bncy.inference call."""
+
+    __slots__ = ("x3", "y3", "result", "k", "nt", "running_mean", "running_var", "gamma",
+                 "beta", "eps")
+
+
+def _layout(plan, x: np.ndarray, ax: int, out, dy=None) -> None:
+    """Choose one axis order for x (dy) and the output; set the (N, C, S) views and
+    the build of the kernels that runs them."""
     if out is not None:
         _check_out(out, x)
         x = _unaliased(x, out)
@@ -395,18 +472,20 @@ def _layout(plan: _Plan, x: np.ndarray, ax: int, out, dy=None) -> None:
     axt = ax if perm is None else perm.index(ax)
     ncs = _ncs_shape(xt.shape, axt)
     plan.x3, plan.y3 = xt.reshape(ncs), yt.reshape(ncs)
-    plan.dy3 = None if dy is None else _in_order(dy, perm).reshape(ncs)
+    if dy is not None:
+        plan.dy3 = _in_order(dy, perm).reshape(ncs)
     plan.result = out if out is not None else _result(yt, perm)
-    plan.k = _kernels_for(xt)
+    plan.k = _build_for(xt.dtype, xt.nbytes)
 
 
-def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                n_threads, *, local: bool = True) -> _Plan:
-    """Validate a training forward. local=False: x is one part of a larger batch (it
+def _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, *,
+                 local: bool = True):
+    """Every check of a training forward, nothing allocated: (x, axis, plan with
+    the per-channel arguments). local=False: x is one part of a larger batch (it
     may be empty, and the count check waits for the merged statistics)."""
     x = _check_x(x, allow_empty=not local)
     ax = _check_axis(axis, x.ndim)
-    p = _Plan()
+    p = _TrainPlan()
     p.C = C = x.shape[ax]
     if C == 0:
         raise ValueError(f"bncy: x has no channels (shape {x.shape}, axis={axis})")
@@ -417,7 +496,7 @@ def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, 
             f"got input of shape {x.shape} (axis={axis})"
         )
     p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
-    p.beta = None if beta is None else _as_f64(_check_vector(beta, "beta", C))
+    p.shift = np.zeros(C) if beta is None else _as_f64(_check_vector(beta, "beta", C))
     p.eps = _check_eps(eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("bncy: give both running_mean and running_var, or neither")
@@ -428,12 +507,20 @@ def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, 
         p.momentum = _check_real(momentum, "momentum")
         if not 0.0 <= p.momentum <= 1.0:
             raise ValueError(f"bncy: momentum must be in [0, 1], got {momentum!r}")
+    return x, ax, p
+
+
+def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
+                n_threads, *, local: bool = True) -> _TrainPlan:
+    """_check_train, then the layout (output allocated)."""
+    x, ax, p = _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
+                            local=local)
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out)
     return p
 
 
-def _local_moments(p: _Plan):
+def _local_moments(p: _TrainPlan):
     """(count, mean, m2) of the plan's x: the moments kernel."""
     mean, m2 = np.zeros(p.C), np.zeros(p.C)
     if p.x3.size:
@@ -441,26 +528,29 @@ def _local_moments(p: _Plan):
     return p.count, mean, m2
 
 
-def _apply_train(p: _Plan, count: int, mean, m2, *, rescue: bool):
-    """Normalise with (count, mean, m2) and update the running statistics."""
+def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
+    """Normalise with (count, mean, m2) and update the running statistics: the
+    kernels' apply job. With rescue, channels whose float64 squares over- or
+    underflowed are recomputed scaled first (_rescue_extreme_channels)."""
     C = p.C
     var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
-    if _kernels.train_coefficients(mean, m2, float(count), p.eps, p.gamma, var, invstd, scale):
-        if rescue:
-            _rescue_extreme_channels(p.x3, mean, m2, var, invstd, scale, p.gamma, count,
-                                     p.eps)
-    if p.x3.size:
-        shift = np.zeros(C) if p.beta is None else p.beta
-        p.k.affine(p.x3, mean, scale, shift, p.y3, p.nt)
-    if p.running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
-        _kernels.ema_update(p.running_mean, mean, p.momentum, 1.0)
-        _kernels.ema_update(p.running_var, m2, p.momentum, 1.0 / (count - 1))
+    if p.k.apply_train(p.x3, float(count), mean, m2, p.gamma, p.shift, p.eps, p.y3, var,
+                       invstd, scale, p.running_mean, p.running_var, p.momentum, rescue,
+                       p.nt):
+        _finish_rescued(p, count, mean, m2, var, invstd, scale)
     return p.result, mean, invstd
 
 
-def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
-               local: bool = True) -> _Plan:
-    """Validate a backward pass (local=False: x may be an empty part of a batch)."""
+def _finish_rescued(p: _TrainPlan, count: int, mean, m2, var, invstd, scale) -> None:
+    """The apply job's second half, after the scaled recomputation."""
+    _rescue_extreme_channels(p.x3, mean, m2, var, invstd, scale, p.gamma, count, p.eps)
+    p.k.finish_train(p.x3, float(count), mean, m2, scale, p.shift, p.y3, p.running_mean,
+                     p.running_var, p.momentum, p.nt)
+
+
+def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True):
+    """Every check of a backward pass, nothing allocated (local=False: x may be an
+    empty part of a batch): (dy, x, axis, plan with the per-channel arguments)."""
     x = _check_x(x, allow_empty=not local)
     dy = _check_x(dy, "dy", allow_empty=not local)
     if dy.shape != x.shape:
@@ -468,7 +558,7 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
     if dy.dtype != x.dtype:
         raise TypeError(f"bncy: dy has dtype {dy.dtype}, expected x's dtype {x.dtype}")
     ax = _check_axis(axis, x.ndim)
-    p = _Plan()
+    p = _GradPlan()
     p.C = C = x.shape[ax]
     if C == 0:
         raise ValueError(f"bncy: x has no channels (shape {x.shape}, axis={axis})")
@@ -477,12 +567,19 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
     p.mean = _as_f64(_check_vector(mean, "mean", C))
     p.invstd = _as_f64(_check_vector(invstd, "invstd", C))
     p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
+    return dy, x, ax, p
+
+
+def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
+               local: bool = True) -> _GradPlan:
+    """_check_grad, then the layout (output allocated)."""
+    dy, x, ax, p = _check_grad(dy, x, mean, invstd, gamma, axis, local=local)
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out, dy)
     return p
 
 
-def _local_grad_sums(p: _Plan):
+def _local_grad_sums(p: _GradPlan):
     """(sum dy, sum dy * (x - mean)) of the plan's arrays: the gradient-sums kernel."""
     sdy, sdyx = np.zeros(p.C), np.zeros(p.C)
     if p.x3.size:
@@ -490,18 +587,13 @@ def _local_grad_sums(p: _Plan):
     return sdy, sdyx
 
 
-def _apply_grad(p: _Plan, sdy, sdyx, count: int, *, batch_stats: bool = True):
-    """dx from the (merged) sums; dgamma, dbeta. batch_stats=False: mean and invstd
-    are constants (an eval-mode pass), so dx = gamma * invstd * dy."""
-    C = p.C
-    a, b, k, dgamma = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
-    _kernels.backward_coefficients(sdy, sdyx, p.invstd, p.gamma, float(count), a, b, k,
-                                   dgamma)
-    if not batch_stats:
-        b[:] = 0.0
-        k[:] = 0.0
-    if p.x3.size:
-        p.k.grad_input(p.dy3, p.x3, p.mean, p.invstd, a, b, k, p.y3, p.nt)
+def _apply_grad(p: _GradPlan, sdy, sdyx, count: int, *, batch_stats: bool = True):
+    """dx from the (merged) sums; dgamma, dbeta: the kernels' gradient apply job.
+    batch_stats=False: mean and invstd are constants (an eval-mode pass), so
+    dx = gamma * invstd * dy."""
+    dgamma = np.empty(p.C)
+    p.k.apply_grad(p.dy3, p.x3, p.mean, p.invstd, p.gamma, sdy, sdyx, float(count),
+                   batch_stats, p.y3, dgamma, p.nt)
     return (p.result, dgamma.astype(p.dtype, copy=False),
             np.asarray(sdy).astype(p.dtype, copy=False))
 
@@ -570,13 +662,10 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     C = p.C
     mean, m2, var, invstd, scale = (np.empty(C), np.empty(C), np.empty(C), np.empty(C),
                                     np.empty(C))
-    # _local_moments + _apply_train in one kernel call
-    if p.k.forward_train(p.x3, p.gamma, p.beta, p.eps, p.y3, mean, m2, var, invstd,
-                         scale, p.nt):
-        return _apply_train(p, p.count, mean, m2, rescue=True)  # a channel to rescue
-    if p.running_mean is not None:  # the unbiased batch variance: m2 / (count - 1)
-        _kernels.ema_update(p.running_mean, mean, p.momentum, 1.0)
-        _kernels.ema_update(p.running_var, m2, p.momentum, 1.0 / (p.count - 1))
+    # the forward job: moments, then the apply job (as batch_stats + apply_stats)
+    if p.k.forward_train(p.x3, p.gamma, p.shift, p.eps, p.y3, mean, m2, var, invstd,
+                         scale, p.running_mean, p.running_var, p.momentum, p.nt):
+        _finish_rescued(p, p.count, mean, m2, var, invstd, scale)  # a channel to rescue
     return p.result, mean, invstd
 
 
@@ -622,18 +711,16 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     x = _check_x(x)
     ax = _check_axis(axis, x.ndim)
     C = x.shape[ax]
-    running_mean = _check_vector(running_mean, "running_mean", C)
-    running_var = _check_vector(running_var, "running_var", C)
-    if gamma is not None:
-        gamma = _check_vector(gamma, "gamma", C)
-    if beta is not None:
-        beta = _check_vector(beta, "beta", C)
-    e = _check_eps(eps)
-    p = _Plan()
+    p = _InferPlan()
+    p.running_mean = _as_f64(_check_vector(running_mean, "running_mean", C))
+    p.running_var = _as_f64(_check_vector(running_var, "running_var", C))
+    p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
+    p.beta = None if beta is None else _as_f64(_check_vector(beta, "beta", C))
+    p.eps = _check_eps(eps)
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out)
-    p.k.inference_train(p.x3, _as_f64(running_mean), _as_f64(running_var),
-                        _as_f64(gamma), _as_f64(beta), e, p.y3, p.nt)
+    p.k.inference_train(p.x3, p.running_mean, p.running_var, p.gamma, p.beta, p.eps, p.y3,
+                        p.nt)
     return p.result
 
 
@@ -685,15 +772,16 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         return r
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
-    # _local_grad_sums + _apply_grad in one kernel call
+    # the backward job: gradient sums, then the gradient apply job
     p.k.backward_train(p.dy3, p.x3, p.mean, p.invstd, p.gamma, p.y3, sdy, dgamma, p.nt)
     return (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
 
 
-def _backward(dy, x, mean, invstd, gamma, axis, out, n_threads, *, batch_stats: bool):
-    """backward, or (batch_stats=False) the gradient of an eval-mode pass."""
-    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
-    return _apply_grad(p, *_local_grad_sums(p), p.count, batch_stats=batch_stats)
+def _backward_eval(dy, x, mean, invstd, gamma, axis, n_threads):
+    """The gradient of an eval-mode pass (mean and invstd constants): the sums,
+    then the gradient apply job with batch_stats=False (bncy.BatchNorm)."""
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, None, n_threads)
+    return _apply_grad(p, *_local_grad_sums(p), p.count, batch_stats=False)
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
 """Private kernels of bncy, baseline instruction set. Not public API: unchecked
-loops behind bncy._api. The code and its Design notes are in _kernels_body.pxi."""
+loops behind bncy._api. The code and its Design notes are in kernels/ (common.pxi)."""
 
-include "_kernels_body.pxi"
+include "kernels/kernels.pxi"

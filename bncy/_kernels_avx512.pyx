@@ -2,4 +2,4 @@
 512-bit vectors: the same code as bncy._kernels, bitwise-identical results. Chosen
 at import when the CPU and the OS support it."""
 
-include "_kernels_body.pxi"
+include "kernels/kernels.pxi"

@@ -172,9 +172,12 @@ class BatchNorm:
             dx, dgamma, dbeta = distributed.backward(dy, x, mean, invstd, self.gamma,
                                                      comm=self.comm, axis=self.axis,
                                                      n_threads=self.n_threads)
+        elif batch_stats:
+            dx, dgamma, dbeta = _api.backward(dy, x, mean, invstd, self.gamma, axis=self.axis,
+                                              n_threads=self.n_threads)
         else:
-            dx, dgamma, dbeta = _api._backward(dy, x, mean, invstd, self.gamma, self.axis,
-                                               None, self.n_threads, batch_stats=batch_stats)
+            dx, dgamma, dbeta = _api._backward_eval(dy, x, mean, invstd, self.gamma,
+                                                    self.axis, self.n_threads)
         self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return dx
 

@@ -15,7 +15,8 @@ reduction, whose order MPI does not fix) gives every rank the same bits, for any
 ``n_threads``. Every rank validates its arguments before the collective and sends
 either its statistics or its error, so a bad argument or a channel mismatch on
 any rank raises the same exception on every rank instead of leaving the others
-waiting. A rank may hold zero rows.
+waiting; so does an error of any other kind in a rank's local step (MemoryError
+included). A rank may hold zero rows.
 
 ``comm`` is an mpi4py communicator (``MPI.COMM_WORLD`` or a sub-communicator);
 mpi4py is optional: ``pip install bncy[mpi]`` brings it with the ``mpich`` wheel,
@@ -27,6 +28,7 @@ from __future__ import annotations
 from numpy.typing import ArrayLike, NDArray
 
 from bncy import _api
+from bncy._layer import BatchNorm
 
 __all__ = ["forward", "backward", "SyncBatchNorm"]
 
@@ -45,14 +47,19 @@ def _require_comm(comm):
     return comm
 
 
+_KINDS = {"TypeError": TypeError, "ValueError": ValueError, "MemoryError": MemoryError}
+
+
 def _exchange(comm, local):
     """Allgather one message per rank; raise every rank's first error on every rank.
-    A message is ("ok", C, dtype, payload) or ("error", exception type, text)."""
+    A message is ("ok", C, dtype, payload) or ("error", exception type, text);
+    an error of a kind other than TypeError, ValueError or MemoryError comes back
+    as RuntimeError naming it."""
     messages = comm.allgather(local)
     for rank, msg in enumerate(messages):
         if msg[0] == "error":
-            kind = TypeError if msg[1] == "TypeError" else ValueError
-            raise kind(f"bncy.distributed: rank {rank}: {msg[2]}")
+            raise _KINDS.get(msg[1], RuntimeError)(f"bncy.distributed: rank {rank}: "
+                                                    f"{msg[2]}")
     shapes = {(msg[1], msg[2]) for msg in messages}
     if len(shapes) > 1:
         raise ValueError("bncy.distributed: ranks disagree on the number of channels or "
@@ -61,11 +68,15 @@ def _exchange(comm, local):
 
 
 def _guarded(step):
-    """Run a local step; return ("ok", result) or the error as a message."""
+    """Run a local step; return ("ok", result) or the error, of any kind, as a
+    message (so that no rank is left waiting in the collective)."""
     try:
         return ("ok", step())
-    except (TypeError, ValueError) as exc:
-        return ("error", type(exc).__name__, str(exc).removeprefix("bncy: "))
+    except Exception as exc:  # noqa: BLE001 - every error goes to every rank
+        text = str(exc).removeprefix("bncy: ")
+        if type(exc).__name__ not in _KINDS:
+            text = f"{type(exc).__name__}: {text}"
+        return ("error", type(exc).__name__, text)
 
 
 def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
@@ -83,22 +94,24 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     comm = _require_comm(comm)
 
     def local():
-        p = _api._plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
-                             out, n_threads, local=False)
-        return p, _api._local_moments(p)
+        # every argument of apply_stats checked before the collective
+        x_, _, p = _api._check_train(x, gamma, beta, eps, axis, running_mean, running_var,
+                                     momentum, local=False)
+        if out is not None:
+            _api._check_out(out, x_)
+        _api._resolve_threads(n_threads, 0)
+        return p.C, x_.dtype.str, _api.batch_stats(x_, axis=axis, n_threads=n_threads)
 
     status = _guarded(local)
-    if status[0] == "ok":
-        p, (n, mean, m2) = status[1]
-        msg = ("ok", p.C, p.x3.dtype.str, (n, mean, m2))
-    else:
-        msg = status
+    msg = ("ok",) + status[1] if status[0] == "ok" else status
     parts = _exchange(comm, msg)
     total = _api.merge_stats([_api.BatchStats(*part) for part in parts])
     if total.count < 2:
         raise ValueError("bncy.distributed: expected more than 1 value per channel when "
                          f"training, got {total.count} over all ranks")
-    return _api._apply_train(p, total.count, total.mean, total.m2, rescue=False)
+    return _api.apply_stats(x, total, gamma, beta, eps=eps, axis=axis,
+                            running_mean=running_mean, running_var=running_var,
+                            momentum=momentum, out=out, n_threads=n_threads)
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
@@ -112,22 +125,24 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     comm = _require_comm(comm)
 
     def local():
-        p = _api._plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, local=False)
-        return p, _api._local_grad_sums(p)
+        # every argument of apply_grad checked before the collective
+        dy_, x_, _, p = _api._check_grad(dy, x, mean, invstd, gamma, axis, local=False)
+        if out is not None:
+            _api._check_out(out, x_)
+        _api._resolve_threads(n_threads, 0)
+        g = _api.grad_stats(dy_, x_, mean, axis=axis, n_threads=n_threads)
+        return p.C, p.dtype.str, (p.count, g.sum_dy, g.sum_dy_xc)
 
     status = _guarded(local)
-    if status[0] == "ok":
-        p, (sdy, sdyx) = status[1]
-        msg = ("ok", p.C, p.dtype.str, (p.count, sdy, sdyx))
-    else:
-        msg = status
+    msg = ("ok",) + status[1] if status[0] == "ok" else status
     parts = _exchange(comm, msg)
     count = sum(part[0] for part in parts)
     total = _api.merge_grad_stats([_api.GradStats(part[1], part[2]) for part in parts])
-    return _api._apply_grad(p, total.sum_dy, total.sum_dy_xc, count)
+    return _api.apply_grad(dy, x, mean, invstd, total, count, gamma, axis=axis, out=out,
+                           n_threads=n_threads)
 
 
-class SyncBatchNorm:
+class SyncBatchNorm(BatchNorm):
     """:class:`bncy.BatchNorm` whose training statistics span every rank of ``comm``.
 
     Same constructor (plus ``comm``), attributes and methods as
@@ -135,7 +150,5 @@ class SyncBatchNorm:
     rank must call forward/backward in training mode together.
     """
 
-    def __new__(cls, num_features: int, *, comm, **kwargs):
-        from bncy._layer import BatchNorm
-
-        return BatchNorm(num_features, comm=_require_comm(comm), **kwargs)
+    def __init__(self, num_features: int, *, comm, **kwargs):
+        super().__init__(num_features, comm=_require_comm(comm), **kwargs)

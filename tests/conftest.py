@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-import bncy._api
+import bncy
 
 settings.register_profile("ci", max_examples=500, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -14,7 +14,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 DTYPES = [np.float32, np.float64]
 
-# (shape, axis): every schedule and edge of the blocking (see bncy/_kernels_body.pxi):
+# (shape, axis): every schedule and edge of the blocking (see bncy/kernels/common.pxi):
 # rows (elementwise passes for S < 32; statistics also for longer runs when N >= S/8:
 # float32 moments S < 256, float32 backward sums and float64 moments S < 128) with row
 # blocks of 256 and column tiles of 1024 (256 with threads and few row blocks), planes
@@ -80,9 +80,11 @@ def rng():
 
 
 @pytest.fixture
-def force_threads(monkeypatch):
+def force_threads():
     """Start OpenMP teams even for tiny inputs, so small tests exercise threads."""
-    monkeypatch.setattr(bncy._api, "SMALL_WORK", 0)
+    previous = bncy.set_knobs(small_work=0)
+    yield
+    bncy.set_knobs(small_work=previous["small_work"])
 
 
 def per_channel(rng, C, dtype=np.float64):

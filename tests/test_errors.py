@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import bncy
+from bncy import _api
 
 C = 3
 
@@ -129,3 +130,29 @@ def test_valid_calls_of_the_same_fixtures_succeed():
     _fwd(st)
     _bwd(st)
     _inf(st)
+
+
+@pytest.mark.parametrize("desc,exc,call", CASES, ids=[c[0] for c in CASES])
+def test_fast_paths_decline_every_bad_call(desc, exc, call, monkeypatch):
+    """The C fast paths recognise the plain call themselves: run against this same
+    table, each declines (returns None, writing nothing) and the Python checks raise."""
+    real, seen = _api._kernels_wide, []
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            if not name.endswith("_fast"):
+                return attr
+
+            def spy(*args):
+                seen.append(attr(*args))
+                return seen[-1]
+            return spy
+
+    monkeypatch.setattr(_api, "_kernels_wide", Spy())
+    st = _state()
+    before = _snapshot(st)
+    with pytest.raises(exc, match="bncy"):
+        call(st)
+    assert all(r is None for r in seen)
+    _untouched(st, before)

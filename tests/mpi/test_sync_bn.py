@@ -108,3 +108,28 @@ def test_sync_batchnorm_layer_over_training_steps():
     sync.eval()
     x = rng.standard_normal((4, C, 2, 2))
     assert_allclose(sync(x), ref.eval()(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [MemoryError, KeyError])
+def test_any_error_on_one_rank_raises_on_every_rank(kind, monkeypatch):
+    """An error of any kind in one rank's local step (here raised by its batch_stats
+    and grad_stats) reaches every rank, as the same kind or RuntimeError, no hang."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    if rank == size - 1:
+        def fail(*args, **kwargs):
+            raise kind("out of luck")
+        monkeypatch.setattr(bncy._api, "batch_stats", fail)
+        monkeypatch.setattr(bncy._api, "grad_stats", fail)
+    expected = kind if kind is MemoryError else RuntimeError
+    x = np.random.default_rng(rank).standard_normal((6, 3))
+    with pytest.raises(expected, match=f"rank {size - 1}: .*out of luck"):
+        dist.forward(x, comm=comm)
+    with pytest.raises(expected, match=f"rank {size - 1}"):
+        dist.backward(x, x, np.zeros(3), np.ones(3), comm=comm)
+    comm.Barrier()
+
+
+def test_sync_batchnorm_is_a_batchnorm_class():
+    sync = dist.SyncBatchNorm(3, comm=comm)
+    assert isinstance(sync, dist.SyncBatchNorm) and isinstance(sync, bncy.BatchNorm)

@@ -1,0 +1,82 @@
+# ---------------------------------------------------------------------------
+# describe(): the path each job takes, from the same gate functions the kernels
+# call (knobs.pxi, schedule.pxi), for bncy.describe
+# ---------------------------------------------------------------------------
+
+cdef dict _rows_reduction(Py_ssize_t N, Py_ssize_t K, Py_ssize_t isz, int n_threads,
+                          bint gsums):
+    cdef Py_ssize_t TW = _red_tile(N, K, n_threads)
+    cdef bint ahead = (_gsum_rows_ahead(N, K, TW, isz) if gsums
+                       else _mom_rows_ahead(N, K, TW, isz))
+    return {"tile": TW, "variant": "prefetch" if ahead else "plain",
+            "knobs": ["beyond_l2", "pf_bytes"] if gsums
+            else ["mom_min_bytes", "mom_max_row", "mom_pf_bytes"]}
+
+
+cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
+                     int n_threads, bint gsums):
+    # The schedule of _moments (gsums False) or _grad_sums (True).
+    cdef Py_ssize_t limit, R
+    cdef dict d
+    if gsums:
+        limit = RED_ROWS_MAX_RUN if isz == 4 else ROWS_MAX_RUN
+    else:
+        limit = 2 * RED_ROWS_MAX_RUN if isz == 4 else RED_ROWS_MAX_RUN
+    if not _short_runs_on_rows(N, S, limit):
+        if gsums:
+            return {"schedule": "planes", "variant": "plain", "knobs": []}
+        if isz == 4:
+            return {"schedule": "planes", "variant": "shifted pieces", "knobs": []}
+        return {"schedule": "planes", "knobs": ["beyond_l2"],
+                "variant": ("prefetch next segment" if _planes_mom_ahead(N * C * S * 8, 8)
+                            else "plain")}
+    R = _flat_rows(N, C * S, FLAT_RED)
+    if R > 1:
+        d = _rows_reduction(N // R, C * S * R, isz, n_threads, gsums)
+        d["schedule"] = "rows narrow"
+        d["rows_at_a_time"] = R
+        return d
+    d = _rows_reduction(N, C * S, isz, n_threads, gsums)
+    d["schedule"] = "rows"
+    return d
+
+
+cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
+                       int n_threads, bint grad):
+    # The schedule of _affine (grad False) or _grad_input (True).
+    cdef Py_ssize_t K = C * S, R, NR, KR, TW, pt
+    cdef Py_ssize_t nvec = 5 if grad else 3
+    if not _ew_on_rows(S):
+        if grad and _gi_planes_ahead(N * C * S * isz, isz, n_threads):
+            return {"schedule": "planes", "variant": "prefetch",
+                    "knobs": ["ew_rows_max_run", "beyond_l2", "pf_bytes"]}
+        return {"schedule": "planes", "variant": "plain",
+                "knobs": ["ew_rows_max_run"] + (["beyond_l2"] if grad else [])}
+    R = _flat_rows(N, K, _kn.flat_row_grad if grad else _kn.flat_row)
+    NR = N // R
+    KR = K * R
+    TW = _row_tile(NR, KR, n_threads)
+    d = {"schedule": "rows narrow" if R > 1 else "rows", "rows_at_a_time": R,
+         "tile": TW, "knobs": ["ew_rows_max_run", "flat_row_grad" if grad else "flat_row",
+                               "coef_l1"]}
+    pt = _gi_rows_tile(NR, KR, TW, isz) if grad else 0
+    if grad:
+        d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]
+    if pt == KR:
+        d["variant"] = "prefetch whole rows"
+    elif pt > 0:
+        d["variant"] = f"prefetch tiles of {pt} columns"
+    elif _ew_chunked(TW, nvec):
+        d["variant"] = "chunked"
+    else:
+        d["variant"] = "whole rows"
+    return d
+
+
+def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize,
+                   int n_threads):
+    """{job: {schedule, variant, ...}} for an (N, C, S) array of itemsize bytes."""
+    return {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
+            "normalize": _elementwise(N, C, S, itemsize, n_threads, False),
+            "grad_sums": _reduction(N, C, S, itemsize, n_threads, True),
+            "grad_input": _elementwise(N, C, S, itemsize, n_threads, True)}

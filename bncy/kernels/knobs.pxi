@@ -1,0 +1,97 @@
+# ---------------------------------------------------------------------------
+# Speed knobs and the gates built on them
+# ---------------------------------------------------------------------------
+# Every value here only chooses among loops that compute the same values in the
+# same order: none changes a result (the tests switch each one and compare bits).
+# bncy._knobs derives them at import from the machine's cache sizes, the
+# environment variable BNCY_KNOBS overrides them, and bncy.set_knobs() lets a test
+# drive every path on small arrays. Each decision is one function below, which the
+# kernels and describe() both call.
+
+cdef struct Knobs:
+    Py_ssize_t beyond_l2        # bytes from which an array streams from beyond L2
+    Py_ssize_t coef_l1          # bytes of per-column coefficients that stay in L1
+    Py_ssize_t gi_coef_min      # grad_input prefetches rows whose five coefficient
+    Py_ssize_t gi_coef_max      # vectors take gi_coef_min.. bytes (whole rows up
+                                # to gi_coef_max, tiles beyond) ...
+    Py_ssize_t gi_min_bytes     # ... in arrays of at least this many bytes
+    Py_ssize_t mom_min_bytes    # the rows moments prefetch in arrays this large ...
+    Py_ssize_t mom_max_row      # ... whose rows take at most this many bytes
+    Py_ssize_t pf_bytes         # how far ahead the backward passes ask
+    Py_ssize_t mom_pf_bytes     # how far ahead the rows moments ask
+    Py_ssize_t ew_rows_max_run  # elementwise passes of shorter runs take rows
+    Py_ssize_t flat_row         # narrow rows go through the affine pass this wide
+    Py_ssize_t flat_row_grad    # ... and through grad_input
+
+# Zero until bncy._knobs sets them at import (bncy._api imports it first).
+# set_knobs and get_knobs read the struct as an array in KNOB_NAMES order.
+cdef Knobs _kn
+
+# The names bncy._knobs sets, in order (all integers >= 0).
+KNOB_NAMES = ("beyond_l2", "coef_l1", "gi_coef_min", "gi_coef_max", "gi_min_bytes",
+              "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
+              "ew_rows_max_run", "flat_row", "flat_row_grad")
+
+
+def set_knobs(dict values):
+    """Set the knobs named in values (validated by bncy._knobs)."""
+    for name, v in values.items():
+        if name not in KNOB_NAMES:
+            raise KeyError(name)
+        (<Py_ssize_t*> &_kn)[KNOB_NAMES.index(name)] = v
+
+
+def get_knobs():
+    """The knobs in force in this build, as a dict."""
+    return {name: (<Py_ssize_t*> &_kn)[i] for i, name in enumerate(KNOB_NAMES)}
+
+
+cdef inline bint _ew_on_rows(Py_ssize_t S) noexcept nogil:
+    # The elementwise passes: rows schedule for runs shorter than ew_rows_max_run
+    # (the same operation per value either way).
+    return S < _kn.ew_rows_max_run
+
+
+cdef inline bint _ew_chunked(Py_ssize_t width, Py_ssize_t nvec) noexcept nogil:
+    # A wide-row elementwise block goes through chunks of CHUNK columns when its
+    # nvec coefficient vectors of width doubles would not stay in L1.
+    return nvec * 8 * width > _kn.coef_l1
+
+
+cdef inline bint _mom_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
+                                 Py_ssize_t isz) noexcept nogil:
+    # Rows moments through _rows_moments_ahead: whole-row blocks of short rows in
+    # arrays beyond L3.
+    return (TW >= K and K * isz <= _kn.mom_max_row and N * K * isz >= _kn.mom_min_bytes)
+
+
+cdef inline bint _gsum_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
+                                  Py_ssize_t isz) noexcept nogil:
+    # float32 rows backward sums through _rows_grad_sums_ahead: whole-row blocks
+    # of arrays beyond L2 (float64 lost with them).
+    return isz == 4 and TW >= K and N * K * isz >= _kn.beyond_l2
+
+
+cdef inline Py_ssize_t _gi_rows_tile(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
+                                     Py_ssize_t isz) noexcept nogil:
+    # Columns per tile of the prefetching rows grad_input, 0 for the plain loop:
+    # whole-row blocks whose five coefficient vectors fill most of L1, of arrays
+    # beyond half of L3; whole rows up to gi_coef_max bytes of coefficients,
+    # tiles of 768 (float32) or 512 (float64) columns beyond.
+    if TW >= K and 5 * 8 * K >= _kn.gi_coef_min and N * K * isz >= _kn.gi_min_bytes:
+        if 5 * 8 * K <= _kn.gi_coef_max:
+            return K
+        return 768 if isz == 4 else 512
+    return 0
+
+
+cdef inline bint _planes_mom_ahead(Py_ssize_t nbytes, Py_ssize_t isz) noexcept nogil:
+    # float64 planes moments ask for the next segment in arrays beyond L2.
+    return isz == 8 and nbytes >= _kn.beyond_l2
+
+
+cdef inline bint _gi_planes_ahead(Py_ssize_t nbytes, Py_ssize_t isz,
+                                  int n_threads) noexcept nogil:
+    # float32 planes grad_input on one thread asks for dy, x and dx ahead in
+    # arrays beyond L2 (at 2 threads, and for float64, it lost).
+    return isz == 4 and n_threads <= 1 and nbytes >= _kn.beyond_l2

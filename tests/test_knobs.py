@@ -1,0 +1,173 @@
+"""Speed knobs: derived from the machine's caches, overridable, and never a
+change of result. Small arrays reach every kernel variant through them, and
+describe() names the path each job takes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bncy
+from bncy import _knobs
+from conftest import make
+
+# Each setting drives small arrays down one family of variants (describe() below
+# checks that they do).
+SETTINGS = {
+    "defaults": {},
+    "prefetch everywhere": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0,
+                                gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30),
+    "prefetch tiles": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0, gi_coef_max=0),
+    "chunked rows": dict(coef_l1=0),
+    "planes elementwise": dict(ew_rows_max_run=0),
+    "rows elementwise": dict(ew_rows_max_run=1 << 30),
+    "wide narrow rows": dict(flat_row=1 << 12, flat_row_grad=1 << 12),
+    "near hints": dict(beyond_l2=0, pf_bytes=0, mom_pf_bytes=0, mom_min_bytes=0,
+                       mom_max_row=1 << 30),
+    "threads always": dict(small_work=0),
+    "avx2 for float64": dict(wide_f64_bytes=0),
+}
+SHAPES = [((300, 40), 1), ((130, 1030), 1), ((4, 3, 70, 70), 1), ((6, 3, 5000), 1),
+          ((40, 6, 6, 3), -1), ((8, 5, 6, 7), 1), ((20, 2, 2, 64), 1), ((2, 5, 6, 7), -1)]
+
+
+@pytest.fixture
+def knobs():
+    """set_knobs for one test; the previous values come back after it."""
+    previous = bncy.knobs()
+    previous.pop("caches")
+    yield bncy.set_knobs
+    bncy.set_knobs(**previous)
+
+
+def _outputs(x, dy, axis, nt):
+    C = x.shape[axis]
+    rng = np.random.default_rng(5)
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    rm, rv = np.zeros(C), np.ones(C)
+    y, mean, invstd = bncy.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv,
+                                   n_threads=nt)
+    dx, dg, db = bncy.backward(dy, x, mean, invstd, g, axis=axis, n_threads=nt)
+    yi = bncy.inference(x, rm, rv, g, b, axis=axis, n_threads=nt)
+    return [y, mean, invstd, rm, rv, dx, dg, db, yi]
+
+
+@pytest.mark.parametrize("nt", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: "x".join(map(str, c[0])))
+def test_no_knob_changes_a_bit(case, dtype, nt, knobs):
+    shape, axis = case
+    rng = np.random.default_rng(1)
+    x = make(shape, dtype, rng, scale=2.0, offset=3.0)
+    dy = make(shape, dtype, rng)
+    base = _outputs(x, dy, axis, nt)
+    for name, setting in SETTINGS.items():
+        previous = knobs(**setting)
+        try:
+            got = _outputs(x, dy, axis, nt)
+        finally:
+            knobs(**{k: previous[k] for k in setting})
+        for a, b in zip(base, got):
+            assert a.tobytes() == b.tobytes(), name
+
+
+def _variants(shape, dtype, axis=1, nt=1):
+    jobs = bncy.describe(shape, dtype, axis, n_threads=nt)["jobs"]
+    return {job: (d["schedule"], d["variant"]) for job, d in jobs.items()}
+
+
+def test_small_arrays_reach_every_variant(knobs):
+    """The SETTINGS above take the small SHAPES through every variant: what
+    describe() reports there, from the functions the kernels decide with."""
+    seen = set()
+    for setting in SETTINGS.values():
+        previous = knobs(**setting)
+        for shape, axis in SHAPES:
+            for dtype in (np.float32, np.float64):
+                for job, path in _variants(shape, dtype, axis).items():
+                    seen.add((job,) + path)
+        knobs(**{k: previous[k] for k in setting})
+    expected = {
+        ("statistics", "rows", "plain"), ("statistics", "rows", "prefetch"),
+        ("statistics", "rows narrow", "plain"), ("statistics", "planes", "shifted pieces"),
+        ("statistics", "planes", "plain"), ("statistics", "planes", "prefetch next segment"),
+        ("grad_sums", "rows", "plain"), ("grad_sums", "rows", "prefetch"),
+        ("grad_sums", "planes", "plain"),
+        ("normalize", "rows", "whole rows"), ("normalize", "rows", "chunked"),
+        ("normalize", "rows narrow", "whole rows"), ("normalize", "planes", "plain"),
+        ("grad_input", "rows", "whole rows"), ("grad_input", "rows", "chunked"),
+        ("grad_input", "rows", "prefetch whole rows"), ("grad_input", "planes", "prefetch"),
+        ("grad_input", "rows narrow", "whole rows"), ("grad_input", "planes", "plain"),
+    }
+    assert expected <= seen, expected - seen
+    assert any(j == "grad_input" and v.startswith("prefetch tiles") for j, _, v in seen)
+
+
+def test_describe_at_the_default_knobs():
+    """The large shapes the gates were set for (no array is made)."""
+    if bncy.knobs()["caches"]["source"] == "fallback":
+        pytest.skip("cache sizes unknown here")
+    v = _variants((65536, 512), np.float32)
+    assert v["statistics"] == ("rows", "prefetch")
+    assert v["grad_sums"] == ("rows", "prefetch")
+    assert v["grad_input"] == ("rows", "prefetch whole rows")
+    assert _variants((64, 256), np.float32)["grad_input"] == ("rows", "whole rows")
+    assert _variants((32, 64, 56, 56), np.float32)["statistics"] == ("planes", "shifted pieces")
+    d = bncy.describe((32, 64, 56, 56), "float64", n_threads=2)
+    assert d["ncs"] == (32, 64, 3136) and d["n_threads"] == 2
+    assert d["jobs"]["grad_input"]["variant"] == "plain"   # planes hints: 1 thread only
+    assert set(d["jobs"]["statistics"]["knobs"]) == {"beyond_l2"}
+    assert bncy.describe((8, 3), np.float32, n_threads=4)["n_threads"] == 1   # small_work
+
+
+def test_describe_and_set_knobs_check_their_arguments(knobs):
+    with pytest.raises(TypeError, match="float32 and float64"):
+        bncy.describe((4, 3), np.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        bncy.describe((4, 3), np.float32, axis=2)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        bncy.describe((4,), np.float32)
+    before = bncy.knobs()
+    with pytest.raises(TypeError, match="unknown knob"):
+        knobs(no_such_knob=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        knobs(beyond_l2=-1)
+    with pytest.raises(ValueError, match=">= 16"):
+        knobs(flat_row=8)
+    with pytest.raises(TypeError, match="integer"):
+        knobs(pf_bytes=1.5)
+    assert bncy.knobs() == before
+
+
+def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
+    for i, (level, kind, size, cpus) in enumerate([(1, "Data", "48K", "0"),
+                                                  (1, "Instruction", "32K", "0"),
+                                                  (2, "Unified", "1024K", "0"),
+                                                  (3, "Unified", "32768K", "0-7")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        for name, value in [("level", level), ("type", kind), ("size", size),
+                            ("shared_cpu_list", cpus)]:
+            (d / name).write_text(f"{value}\n")
+    c = _knobs.caches(str(tmp_path))
+    assert c == {"l1": 48 << 10, "l2": 8 << 20, "l3": 32 << 20, "source": "sysfs"}
+    k = _knobs.derive(c)
+    assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10
+    assert k["gi_min_bytes"] == 16 << 20 and k["mom_min_bytes"] == 24 << 20
+    assert _knobs.caches(str(tmp_path / "missing"))["source"] in ("sysconf", "fallback")
+
+
+def test_bncy_knobs_environment_variable(tmp_path):
+    names = {"pf_bytes", "coef_l1"}
+    assert _knobs.from_env(" pf_bytes=0, coef_l1=64 ", names) == {"pf_bytes": 0,
+                                                                  "coef_l1": 64}
+    for bad in ("pf_bytes", "nope=1", "pf_bytes=x", "pf_bytes=-1"):
+        with pytest.raises(ValueError, match="BNCY_KNOBS"):
+            _knobs.from_env(bad, names)
+    code = "import bncy; print(bncy.knobs()['coef_l1'], bncy.knobs()['pf_bytes'])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env={**os.environ, "BNCY_KNOBS": "coef_l1=0,pf_bytes=64"},
+                         cwd=tmp_path).stdout.split()
+    assert out == ["0", "64"]
