@@ -458,9 +458,10 @@ class _InferPlan:
                  "beta", "eps")
 
 
-def _layout(plan, x: np.ndarray, ax: int, out, dy=None) -> None:
+def _layout(plan, x: np.ndarray, ax: int, out, dy=None, *, output: bool = True) -> None:
     """Choose one axis order for x (dy) and the output; set the (N, C, S) views and
-    the build of the kernels that runs them."""
+    the build of the kernels that runs them. output=False: a reduction only (phase
+    1 of the split API), no output allocated (y3 and result None)."""
     if out is not None:
         _check_out(out, x)
         x = _unaliased(x, out)
@@ -468,13 +469,16 @@ def _layout(plan, x: np.ndarray, ax: int, out, dy=None) -> None:
             dy = _unaliased(dy, out)
     perm = _choose_layout(x, out)
     xt = _in_order(x, perm)
-    yt = _alloc_like(xt, out, perm)
     axt = ax if perm is None else perm.index(ax)
     ncs = _ncs_shape(xt.shape, axt)
-    plan.x3, plan.y3 = xt.reshape(ncs), yt.reshape(ncs)
+    plan.x3 = xt.reshape(ncs)
     if dy is not None:
         plan.dy3 = _in_order(dy, perm).reshape(ncs)
-    plan.result = out if out is not None else _result(yt, perm)
+    plan.y3 = plan.result = None
+    if output:
+        yt = _alloc_like(xt, out, perm)
+        plan.y3 = yt.reshape(ncs)
+        plan.result = out if out is not None else _result(yt, perm)
     plan.k = _build_for(xt.dtype, xt.nbytes)
 
 
@@ -511,12 +515,12 @@ def _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
 
 
 def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                n_threads, *, local: bool = True) -> _TrainPlan:
-    """_check_train, then the layout (output allocated)."""
+                n_threads, *, local: bool = True, output: bool = True) -> _TrainPlan:
+    """_check_train, then the layout (see _layout for output)."""
     x, ax, p = _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
                             local=local)
     p.nt = _resolve_threads(n_threads, x.size)
-    _layout(p, x, ax, out)
+    _layout(p, x, ax, out, output=output)
     return p
 
 
@@ -571,11 +575,11 @@ def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True):
 
 
 def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
-               local: bool = True) -> _GradPlan:
-    """_check_grad, then the layout (output allocated)."""
+               local: bool = True, output: bool = True) -> _GradPlan:
+    """_check_grad, then the layout (see _layout for output)."""
     dy, x, ax, p = _check_grad(dy, x, mean, invstd, gamma, axis, local=local)
     p.nt = _resolve_threads(n_threads, x.size)
-    _layout(p, x, ax, out, dy)
+    _layout(p, x, ax, out, dy, output=output)
     return p
 
 
@@ -812,7 +816,8 @@ def batch_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = None) ->
     Combine the parts with :func:`merge_stats`, normalise with :func:`apply_stats`.
     ``bncy.forward(x)`` equals ``apply_stats(x, batch_stats(x))`` bit for bit.
     """
-    p = _plan_train(x, None, None, 0.0, axis, None, None, 0.1, None, n_threads, local=False)
+    p = _plan_train(x, None, None, 0.0, axis, None, None, 0.1, None, n_threads, local=False,
+                    output=False)
     return BatchStats(*_local_moments(p))
 
 
@@ -875,7 +880,8 @@ def grad_stats(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,
     Sum the parts with :func:`merge_grad_stats`; finish with :func:`apply_grad`.
     """
     C = _check_x(x, allow_empty=True).shape[_check_axis(axis, np.ndim(x))]
-    p = _plan_grad(dy, x, mean, np.ones(C), None, axis, None, n_threads, local=False)
+    p = _plan_grad(dy, x, mean, np.ones(C), None, axis, None, n_threads, local=False,
+                   output=False)
     return GradStats(*_local_grad_sums(p))
 
 

@@ -171,3 +171,12 @@ def test_bncy_knobs_environment_variable(tmp_path):
                          text=True, env={**os.environ, "BNCY_KNOBS": "coef_l1=0,pf_bytes=64"},
                          cwd=tmp_path).stdout.split()
     assert out == ["0", "64"]
+
+
+def test_every_build_runs_with_the_knobs_in_force(knobs):
+    from bncy import _api
+
+    knobs(coef_l1=123, pf_bytes=640)
+    kernel = {k: v for k, v in bncy.knobs().items() if k in _api._baseline.KNOB_NAMES}
+    for build in _api._BUILDS:
+        assert build.get_knobs() == kernel

@@ -80,3 +80,18 @@ def test_split_phase_errors():
         bncy.apply_stats(x, bncy.BatchStats(4, np.zeros(2), np.ones(2)))
     st = bncy.batch_stats(x[:0])
     assert st.count == 0 and st.mean.shape == (3,)
+
+
+def test_phase_one_allocates_no_output():
+    """batch_stats and grad_stats reduce only: no array of x's size is allocated
+    (outputs of 4 MiB and more all go through the buffer cache, which counts them)."""
+    x = np.random.default_rng(0).standard_normal((2048, 1024)).astype(np.float32)
+    info = bncy.buffer_cache_info()
+    before = info["hits"] + info["misses"]
+    st = bncy.batch_stats(x)
+    bncy.grad_stats(x, x, st.mean)
+    info = bncy.buffer_cache_info()
+    assert info["hits"] + info["misses"] == before
+    bncy.apply_stats(x, st)   # the counter does count an output
+    info = bncy.buffer_cache_info()
+    assert info["hits"] + info["misses"] == before + 1
