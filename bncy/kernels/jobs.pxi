@@ -119,6 +119,8 @@ cdef void _backward_coefficients(const double* sdy, const double* sdyx,
     # product grouped so that every factor is O(1) or O(dy) whatever x's
     # magnitude. batch_stats False: mean and invstd were constants (an eval-mode
     # pass), so dx = gamma * invstd * dy.
+    # (The eval-mode zeros are a loop of their own: a select in this loop kept
+    # gcc from vectorising its divisions.)
     cdef Py_ssize_t c
     cdef double s, g
     for c in range(C):
@@ -126,8 +128,12 @@ cdef void _backward_coefficients(const double* sdy, const double* sdyx,
         s = invstd[c]
         dgamma_out[c] = sdyx[c] * s
         a_out[c] = g * s
-        b_out[c] = -(g * s) * ((s * sdyx[c]) / count) if batch_stats else 0.0
-        k_out[c] = -(g * s) * (sdy[c] / count) if batch_stats else 0.0
+        b_out[c] = -(g * s) * ((s * sdyx[c]) / count)
+        k_out[c] = -(g * s) * (sdy[c] / count)
+    if not batch_stats:
+        for c in range(C):
+            b_out[c] = 0.0
+            k_out[c] = 0.0
 
 
 cdef int _grad_apply_core(const floating* dy, const floating* x, Py_ssize_t N,
