@@ -225,6 +225,18 @@ cdef extern from *:
     void bncy_prefetch_w(const void* p) noexcept nogil
 
 
+cdef extern from *:
+    """
+    /* The fused activation: max(v, 0), NaN kept (NaN < 0 is false). */
+    static inline double bncy_relu(double v) { return v < 0.0 ? 0.0 : v; }
+    /* g where keep, else 0 (not g * keep: a NaN or inf gradient behind a
+       closed ReLU gives 0, as PyTorch's threshold_backward does) */
+    static inline double bncy_select(int keep, double g) { return keep ? g : 0.0; }
+    """
+    double bncy_relu(double v) noexcept nogil
+    double bncy_select(bint keep, double g) noexcept nogil
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 

@@ -223,11 +223,13 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
         _copy_f64(beta, C, work + C)
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _forward_core(<const float*> px, N, C, S, gam, work + C, e, <float*> py,
+            rc = _forward_core(<const float*> px, NULL, False, N, C, S, gam, work + C, e,
+                               <float*> py,
                                pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
                                rm, rv, mom, nt, &suspicious)
         else:
-            rc = _forward_core(<const double*> px, N, C, S, gam, work + C, e, <double*> py,
+            rc = _forward_core(<const double*> px, NULL, False, N, C, S, gam, work + C, e,
+                               <double*> py,
                                pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
                                rm, rv, mom, nt, &suspicious)
     free(work)
@@ -274,9 +276,9 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
     pdg, pdb = cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
-    # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work (nothing from
+    # mean, invstd, gamma, sdy, dgamma, 5 * C of _backward_core's work (nothing from
     # here on raises: work is freed)
-    work = <double*> malloc(9 * C * sizeof(double))
+    work = <double*> malloc(10 * C * sizeof(double))
     if work == NULL:
         return None
     _copy_f64(mean, C, work)
@@ -286,16 +288,16 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
         gam = work + 2 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _backward_core(<const float*> pdy, <const float*> px, N, C, S, work,
-                                work + C, gam, <float*> pdx, work + 3 * C, work + 4 * C,
-                                work + 5 * C, nt)
+            rc = _backward_core(<const float*> pdy, <const float*> px, NULL, False, N, C, S,
+                                work, work + C, gam, NULL, <float*> pdx, NULL, work + 3 * C,
+                                work + 4 * C, work + 5 * C, nt)
             for c in range(C):
                 (<float*> pdg)[c] = <float> work[4 * C + c]
                 (<float*> pdb)[c] = <float> work[3 * C + c]
         else:
-            rc = _backward_core(<const double*> pdy, <const double*> px, N, C, S, work,
-                                work + C, gam, <double*> pdx, work + 3 * C, work + 4 * C,
-                                work + 5 * C, nt)
+            rc = _backward_core(<const double*> pdy, <const double*> px, NULL, False, N, C, S,
+                                work, work + C, gam, NULL, <double*> pdx, NULL, work + 3 * C,
+                                work + 4 * C, work + 5 * C, nt)
             memcpy(pdg, work + 4 * C, C * sizeof(double))
             memcpy(pdb, work + 3 * C, C * sizeof(double))
     free(work)
@@ -354,10 +356,12 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
         bet = work + 3 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _inference_core(<const float*> px, N, C, S, work, work + C, gam, bet, e,
+            rc = _inference_core(<const float*> px, NULL, False, N, C, S, work, work + C, gam,
+                                 bet, e,
                                  <float*> py, work + 4 * C, nt)
         else:
-            rc = _inference_core(<const double*> px, N, C, S, work, work + C, gam, bet, e,
+            rc = _inference_core(<const double*> px, NULL, False, N, C, S, work, work + C, gam,
+                                 bet, e,
                                  <double*> py, work + 4 * C, nt)
     free(work)
     if rc != 0:
