@@ -266,3 +266,40 @@ def test_residual_block_trains():
             bn.gamma -= 0.5 * bn.dgamma
             bn.beta -= 0.5 * bn.dbeta
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_equals_layer_then_inference(dtype, with_bias):
+    rng = np.random.default_rng(11)
+    C = 5
+    rm, rv = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    bias = rng.standard_normal(C).astype(dtype) if with_bias else None
+    # linear (out, in): y = x W^T + bias
+    W = rng.standard_normal((C, 7)).astype(dtype)
+    x = rng.standard_normal((9, 7)).astype(dtype)
+    Wf, bf = bncy.fold(W, bias, rm, rv, g, b, eps=1e-5, axis=0)
+    assert Wf.dtype == bf.dtype == dtype and Wf is not W
+    a = (x.astype(np.float64) @ W.T.astype(np.float64)
+         + (0 if bias is None else bias.astype(np.float64))).astype(dtype)
+    want = bncy.inference(a, rm, rv, g, b, eps=1e-5)
+    got = x.astype(np.float64) @ Wf.T.astype(np.float64) + bf
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    # 1x1 convolution (out, in, 1, 1) on NCHW: the same map per pixel
+    Wc = W.reshape(C, 7, 1, 1)
+    xc = rng.standard_normal((2, 7, 3, 3)).astype(dtype)
+    ac = np.einsum("oi,nihw->nohw", W.astype(np.float64), xc.astype(np.float64))
+    if bias is not None:
+        ac += bias.astype(np.float64)[:, None, None]
+    want = bncy.inference(ac.astype(dtype), rm, rv, g, b, eps=1e-5)
+    Wcf, bcf = bncy.fold(Wc, bias, rm, rv, g, b, eps=1e-5, axis=0)
+    got = np.einsum("oi,nihw->nohw", Wcf[:, :, 0, 0].astype(np.float64),
+                    xc.astype(np.float64)) + bcf[:, None, None]
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+def test_fold_warns_on_overflow():
+    W = np.full((2, 3), 3e38, np.float32)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        bncy.fold(W, None, np.zeros(2), np.full(2, 1e-6), np.full(2, 10.0), None, eps=0.0)
