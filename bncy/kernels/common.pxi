@@ -227,13 +227,21 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* The fused activation: max(v, 0), NaN kept (NaN < 0 is false). */
-    static inline double bncy_relu(double v) { return v < 0.0 ? 0.0 : v; }
-    /* g where keep, else 0 (not g * keep: a NaN or inf gradient behind a
-       closed ReLU gives 0, as PyTorch's threshold_backward does) */
-    static inline double bncy_select(int keep, double g) { return keep ? g : 0.0; }
+    #include <stdint.h>
+    #include <string.h>
+    /* g where keep, else +0.0 (not g * keep: a NaN or inf gradient behind a
+       closed ReLU gives 0, as PyTorch's threshold_backward does). A bit mask,
+       not keep ? g : 0.0: gcc (-ftrapping-math, the default) sinks the
+       float-to-double conversion of g into that branch, and will not
+       speculate it, so the loop stays scalar and branchy. */
+    static inline double bncy_select(int keep, double g) {
+        uint64_t u;
+        memcpy(&u, &g, sizeof u);
+        u &= (uint64_t) 0 - (uint64_t) (keep != 0);
+        memcpy(&g, &u, sizeof g);
+        return g;
+    }
     """
-    double bncy_relu(double v) noexcept nogil
     double bncy_select(bint keep, double g) noexcept nogil
 
 
