@@ -124,7 +124,8 @@ def isa() -> str:
 
 
 def describe(shape: Sequence[int], dtype, axis: int = 1,
-             n_threads: int | None = None) -> dict:
+             n_threads: int | None = None, *, activation: str | None = None,
+             residual: bool = False) -> dict:
     """Which path each job takes for a call on an array of this shape and dtype.
 
     Returns a dict: ``ncs`` (the (N, C, S) view), ``n_threads`` (the threads the
@@ -133,6 +134,9 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     ``grad_input``, the ``schedule`` (rows, rows narrow, planes), the
     ``variant`` (plain, prefetch, chunked, ...) and the ``knobs`` that decided it
     with their values. The kernels take their decisions from the same functions.
+    ``activation`` and ``residual`` describe the fused call (``forward(...,
+    residual=r, activation=...)`` and its backward): each job it fuses has a
+    ``fused`` key naming its loops, and ``fused`` gives the options.
     """
     dt = np.dtype(dtype)
     if dt not in _FLOATS:
@@ -143,11 +147,13 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     ax = _check_axis(axis, len(shape))
     N, C, S = _ncs_shape(shape, ax)
     nt = _resolve_threads(n_threads, N * C * S)
+    relu = _check_activation(activation)
     build = _build_for(dt, N * C * S * dt.itemsize)
-    jobs = build.describe_paths(N, C, S, dt.itemsize, nt)
+    jobs = build.describe_paths(N, C, S, dt.itemsize, nt, relu, bool(residual))
     for job in jobs.values():
         job["knobs"] = {name: _KNOBS[name] for name in job["knobs"]}
     return {"ncs": (N, C, S), "n_threads": nt, "build": build.isa(), "jobs": jobs,
+            "fused": {"activation": activation, "residual": bool(residual)},
             "decided_by": {"n_threads": {"small_work": SMALL_WORK},
                            "build": {"wide_f64_bytes": WIDE_F64_BYTES}}}
 

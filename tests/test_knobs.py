@@ -171,3 +171,28 @@ def test_bncy_knobs_environment_variable(tmp_path):
                          text=True, env={**os.environ, "BNCY_KNOBS": "coef_l1=0,pf_bytes=64"},
                          cwd=tmp_path).stdout.split()
     assert out == ["0", "64"]
+
+
+def test_describe_names_the_fused_loops():
+    """The fused call keeps the plain schedules and says which loops it fuses; its
+    masked backward loops have no prefetching twins (rows), so describe() does
+    not report one."""
+    shape = (65536, 512)
+    plain = bncy.describe(shape, np.float32)
+    fused = bncy.describe(shape, np.float32, activation="relu", residual=True)
+    assert set(plain) <= set(fused) and plain["fused"] == {"activation": None,
+                                                           "residual": False}
+    assert fused["fused"] == {"activation": "relu", "residual": True}
+    assert all("fused" not in d for d in plain["jobs"].values())
+    assert fused["jobs"]["statistics"] == plain["jobs"]["statistics"]
+    assert fused["jobs"]["normalize"]["fused"] == "residual + relu"
+    assert fused["jobs"]["grad_input"]["fused"] == "relu mask, residual gradient"
+    for job in plain["jobs"]:
+        assert fused["jobs"][job]["schedule"] == plain["jobs"][job]["schedule"]
+    for job in ("grad_sums", "grad_input"):
+        assert not fused["jobs"][job]["variant"].startswith("prefetch")
+    res_only = bncy.describe(shape, np.float32, residual=True)["jobs"]
+    assert res_only["normalize"]["fused"] == "residual"
+    assert "fused" not in res_only["grad_sums"] and "fused" not in res_only["grad_input"]
+    with pytest.raises(ValueError, match="activation"):
+        bncy.describe(shape, np.float32, activation="gelu")
