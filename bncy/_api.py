@@ -749,13 +749,13 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
         A wrong shape, axis, size or parameter, fewer than 2 values per channel,
         or an unusable ``out``. Nothing is written when an exception is raised.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths);
-    # fused calls are checked here only, in one place
-    if residual is None and activation is None:
-        r = _kernels_wide.forward_fast(x, gamma, beta, eps, axis, running_mean, running_var,
-                                       momentum, out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
-        if r is not None:
-            return r
+    # a plain call (fused or not) is checked and run in C, else None (see the
+    # kernels' Fast paths)
+    r = _kernels_wide.forward_fast(x, gamma, beta, eps, axis, running_mean, running_var,
+                                   momentum, out, n_threads, SMALL_WORK, _FAST_F64_BYTES,
+                                   residual, activation)
+    if r is not None:
+        return r
     p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
                     n_threads, residual=residual, activation=activation)
     C = p.C
@@ -805,12 +805,13 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`. A single value per channel is fine here.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
-    if residual is None and activation is None:
-        y = _kernels_wide.inference_fast(x, running_mean, running_var, gamma, beta, eps,
-                                         axis, out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
-        if y is not None:
-            return y
+    # a plain call (fused or not) is checked and run in C, else None (see the
+    # kernels' Fast paths)
+    y = _kernels_wide.inference_fast(x, running_mean, running_var, gamma, beta, eps, axis,
+                                     out, n_threads, SMALL_WORK, _FAST_F64_BYTES, residual,
+                                     activation)
+    if y is not None:
+        return y
     x = _check_x(x)
     ax = _check_axis(axis, x.ndim)
     C = x.shape[ax]
@@ -887,13 +888,13 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     TypeError, ValueError
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
-    if (residual is None and activation is None and beta is None
-            and residual_out is None):
-        r = _kernels_wide.backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
-                                        SMALL_WORK, _FAST_F64_BYTES)
-        if r is not None:
-            return r
+    # a plain call (also through ReLU, with a residual and no residual_out) is
+    # checked and run in C, else None (see the kernels' Fast paths)
+    r = _kernels_wide.backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
+                                    SMALL_WORK, _FAST_F64_BYTES, beta, residual, activation,
+                                    residual_out)
+    if r is not None:
+        return r
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, beta=beta,
                    residual=residual, activation=activation, residual_out=residual_out)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
