@@ -245,6 +245,16 @@ cdef extern from *:
     double bncy_select(bint keep, double g) noexcept nogil
 
 
+cdef inline double _rounds_above_zero(floating v) noexcept nogil:
+    # The float64 values w for which <floating> w > 0 are those w > this (round to
+    # nearest even: 2**-150, half float32's least subnormal, rounds to 0), so the
+    # ReLU mask is a float64 compare, without rounding to float32 first (v only
+    # picks the type).
+    if floating is float:
+        return 7.0064923216240854e-46   # 2**-150
+    return 0.0
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
