@@ -245,6 +245,15 @@ cdef extern from *:
     double bncy_select(bint keep, double g) noexcept nogil
 
 
+cdef inline double _masked(bint keep, floating g) noexcept nogil:
+    # g where keep, else +0.0: bncy_select's bit mask for float32, where the
+    # conversion to float64 would sit in the branch; a select for float64, which
+    # has none (gcc left the float64 residual loops scalar with the bit mask).
+    if floating is float:
+        return bncy_select(keep, g)
+    return g if keep else 0.0
+
+
 cdef inline double _rounds_above_zero(floating v) noexcept nogil:
     # The float64 values w for which <floating> w > 0 are those w > this (round to
     # nearest even: 2**-150, half float32's least subnormal, rounds to 0), so the
