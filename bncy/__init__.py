@@ -26,6 +26,7 @@ from bncy._api import (
     set_buffer_cache,
     set_knobs,
 )
+from bncy._fold import fold
 from bncy._layer import BatchNorm
 from bncy._version import __version__
 
@@ -33,5 +34,5 @@ __all__ = [
     "forward", "backward", "inference", "BatchNorm", "openmp_enabled", "isa", "reference",
     "batch_stats", "merge_stats", "apply_stats", "grad_stats", "merge_grad_stats",
     "apply_grad", "BatchStats", "GradStats", "set_buffer_cache", "buffer_cache_info",
-    "describe", "knobs", "set_knobs", "__version__",
+    "describe", "knobs", "set_knobs", "fold", "__version__",
 ]

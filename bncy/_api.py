@@ -124,7 +124,8 @@ def isa() -> str:
 
 
 def describe(shape: Sequence[int], dtype, axis: int = 1,
-             n_threads: int | None = None) -> dict:
+             n_threads: int | None = None, *, activation: str | None = None,
+             residual: bool = False) -> dict:
     """Which path each job takes for a call on an array of this shape and dtype.
 
     Returns a dict: ``ncs`` (the (N, C, S) view), ``n_threads`` (the threads the
@@ -133,6 +134,9 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     ``grad_input``, the ``schedule`` (rows, rows narrow, planes), the
     ``variant`` (plain, prefetch, chunked, ...) and the ``knobs`` that decided it
     with their values. The kernels take their decisions from the same functions.
+    ``activation`` and ``residual`` describe the fused call (``forward(...,
+    residual=r, activation=...)`` and its backward): each job it fuses has a
+    ``fused`` key naming its loops, and ``fused`` gives the options.
     """
     dt = np.dtype(dtype)
     if dt not in _FLOATS:
@@ -143,11 +147,13 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     ax = _check_axis(axis, len(shape))
     N, C, S = _ncs_shape(shape, ax)
     nt = _resolve_threads(n_threads, N * C * S)
+    relu = _check_activation(activation)
     build = _build_for(dt, N * C * S * dt.itemsize)
-    jobs = build.describe_paths(N, C, S, dt.itemsize, nt)
+    jobs = build.describe_paths(N, C, S, dt.itemsize, nt, relu, bool(residual))
     for job in jobs.values():
         job["knobs"] = {name: _KNOBS[name] for name in job["knobs"]}
     return {"ncs": (N, C, S), "n_threads": nt, "build": build.isa(), "jobs": jobs,
+            "fused": {"activation": activation, "residual": bool(residual)},
             "decided_by": {"n_threads": {"small_work": SMALL_WORK},
                            "build": {"wide_f64_bytes": WIDE_F64_BYTES}}}
 
@@ -300,6 +306,30 @@ def _as_f64(v) -> np.ndarray | None:
     return np.ascontiguousarray(v, dtype=np.float64)
 
 
+def _check_activation(activation) -> bool:
+    """True for "relu", False for None."""
+    if activation is None:
+        return False
+    if not isinstance(activation, str):
+        raise TypeError(f"bncy: activation must be None or 'relu', got "
+                        f"{type(activation).__name__}")
+    if activation != "relu":
+        raise ValueError(f"bncy: activation must be None or 'relu', got {activation!r}")
+    return True
+
+
+def _check_residual(residual, x: np.ndarray, name: str = "residual"):
+    """The residual as an ndarray of x's shape and dtype (any layout), or None."""
+    if residual is None:
+        return None
+    r = _as_float_array(residual, name)
+    if r.dtype != x.dtype:
+        raise TypeError(f"bncy: {name} has dtype {r.dtype}, expected x's dtype {x.dtype}")
+    if r.shape != x.shape:
+        raise ValueError(f"bncy: {name} has shape {r.shape}, expected x's shape {x.shape}")
+    return r
+
+
 def _check_real(value, name: str) -> float:
     if type(value) is float:
         return value
@@ -440,33 +470,46 @@ class _TrainPlan:
     """A validated training forward (bncy.forward, apply_stats) or batch_stats call:
     x, y as C-contiguous (N, C, S) views and float64 per-channel vectors."""
 
-    __slots__ = ("x3", "y3", "result", "k", "nt", "C", "count", "gamma", "shift", "eps",
-                 "running_mean", "running_var", "momentum")
+    __slots__ = ("x3", "y3", "res3", "relu", "result", "k", "nt", "C", "count", "gamma",
+                 "shift", "eps", "running_mean", "running_var", "momentum")
 
 
 class _GradPlan:
     """A validated backward (bncy.backward, grad_stats, apply_grad) call."""
 
-    __slots__ = ("x3", "y3", "dy3", "result", "k", "nt", "C", "count", "dtype", "mean",
-                 "invstd", "gamma")
+    __slots__ = ("x3", "y3", "dy3", "res3", "dres3", "relu", "result", "dres_result", "dres_back", "k",
+                 "nt", "C", "count", "dtype", "mean", "invstd", "gamma", "shift")
 
 
 class _InferPlan:
     """A validated bncy.inference call."""
 
-    __slots__ = ("x3", "y3", "result", "k", "nt", "running_mean", "running_var", "gamma",
-                 "beta", "eps")
+    __slots__ = ("x3", "y3", "res3", "relu", "result", "k", "nt", "running_mean",
+                 "running_var", "gamma", "beta", "eps")
 
 
-def _layout(plan, x: np.ndarray, ax: int, out, dy=None, *, output: bool = True) -> None:
-    """Choose one axis order for x (dy) and the output; set the (N, C, S) views and
-    the build of the kernels that runs them. output=False: a reduction only (phase
-    1 of the split API), no output allocated (y3 and result None)."""
+def _layout(plan, x: np.ndarray, ax: int, out, dy=None, res=None, res_out=False, *,
+            output: bool = True) -> None:
+    """Choose one axis order for x (dy, the residual res) and the output; set the
+    (N, C, S) views (res3 None without a residual) and the build of the kernels
+    that runs them. res_out None or an array: a second output, the residual's
+    gradient (dres3, written back to res_out by _finish_dres when res_out is not
+    in that order). output=False: a reduction only (phase 1 of the split API), no
+    output allocated (y3 and result None)."""
+    if res_out is not None and res_out is not False:
+        _check_out(res_out, x, "residual_out")
+        if out is not None and np.may_share_memory(res_out, out):
+            raise ValueError("bncy: residual_out and out overlap")
+        x = _unaliased(x, res_out)
+        dy = None if dy is None else _unaliased(dy, res_out)
+        res = None if res is None else _unaliased(res, res_out)
     if out is not None:
         _check_out(out, x)
         x = _unaliased(x, out)
         if dy is not None:
             dy = _unaliased(dy, out)
+        if res is not None:
+            res = _unaliased(res, out)
     perm = _choose_layout(x, out)
     xt = _in_order(x, perm)
     axt = ax if perm is None else perm.index(ax)
@@ -474,6 +517,15 @@ def _layout(plan, x: np.ndarray, ax: int, out, dy=None, *, output: bool = True) 
     plan.x3 = xt.reshape(ncs)
     if dy is not None:
         plan.dy3 = _in_order(dy, perm).reshape(ncs)
+    if res is not None:
+        plan.res3 = _in_order(res, perm).reshape(ncs)
+    if res_out is not False:
+        rt = _alloc_like(xt, None, perm)
+        if res_out is not None and _layout_perm(res_out) == perm:
+            rt = _in_order(res_out, perm)
+        plan.dres3 = rt.reshape(ncs)
+        plan.dres_back = _result(rt, perm)
+        plan.dres_result = res_out if res_out is not None else plan.dres_back
     plan.y3 = plan.result = None
     if output:
         yt = _alloc_like(xt, out, perm)
@@ -483,7 +535,7 @@ def _layout(plan, x: np.ndarray, ax: int, out, dy=None, *, output: bool = True) 
 
 
 def _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, *,
-                 local: bool = True):
+                 local: bool = True, residual=None, activation=None):
     """Every check of a training forward, nothing allocated: (x, axis, plan with
     the per-channel arguments). local=False: x is one part of a larger batch (it
     may be empty, and the count check waits for the merged statistics)."""
@@ -494,6 +546,8 @@ def _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     if C == 0:
         raise ValueError(f"bncy: x has no channels (shape {x.shape}, axis={axis})")
     p.count = x.size // C
+    p.relu = _check_activation(activation)
+    p.res3 = _check_residual(residual, x)
     if local and p.count < 2:
         raise ValueError(
             f"bncy: expected more than 1 value per channel when training, "
@@ -515,12 +569,13 @@ def _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
 
 
 def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                n_threads, *, local: bool = True, output: bool = True) -> _TrainPlan:
+                n_threads, *, local: bool = True, residual=None, activation=None,
+                output: bool = True) -> _TrainPlan:
     """_check_train, then the layout (see _layout for output)."""
     x, ax, p = _check_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
-                            local=local)
+                            local=local, residual=residual, activation=activation)
     p.nt = _resolve_threads(n_threads, x.size)
-    _layout(p, x, ax, out, output=output)
+    _layout(p, x, ax, out, res=p.res3, output=output)
     return p
 
 
@@ -538,7 +593,7 @@ def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
     underflowed are recomputed scaled first (_rescue_extreme_channels)."""
     C = p.C
     var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
-    if p.k.apply_train(p.x3, float(count), mean, m2, p.gamma, p.shift, p.eps, p.y3, var,
+    if p.k.apply_train(p.x3, p.res3, p.relu, float(count), mean, m2, p.gamma, p.shift, p.eps, p.y3, var,
                        invstd, scale, p.running_mean, p.running_var, p.momentum, rescue,
                        p.nt):
         _finish_rescued(p, count, mean, m2, var, invstd, scale)
@@ -548,13 +603,15 @@ def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
 def _finish_rescued(p: _TrainPlan, count: int, mean, m2, var, invstd, scale) -> None:
     """The apply job's second half, after the scaled recomputation."""
     _rescue_extreme_channels(p.x3, mean, m2, var, invstd, scale, p.gamma, count, p.eps)
-    p.k.finish_train(p.x3, float(count), mean, m2, scale, p.shift, p.y3, p.running_mean,
+    p.k.finish_train(p.x3, p.res3, p.relu, float(count), mean, m2, scale, p.shift, p.y3, p.running_mean,
                      p.running_var, p.momentum, p.nt)
 
 
-def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True):
+def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True, beta=None,
+                residual=None, activation=None):
     """Every check of a backward pass, nothing allocated (local=False: x may be an
-    empty part of a batch): (dy, x, axis, plan with the per-channel arguments)."""
+    empty part of a batch): (dy, x, axis, plan with the per-channel arguments).
+    With activation="relu", beta and the residual give the mask."""
     x = _check_x(x, allow_empty=not local)
     dy = _check_x(dy, "dy", allow_empty=not local)
     if dy.shape != x.shape:
@@ -571,23 +628,58 @@ def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True):
     p.mean = _as_f64(_check_vector(mean, "mean", C))
     p.invstd = _as_f64(_check_vector(invstd, "invstd", C))
     p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
+    p.relu = _check_activation(activation)
+    p.res3 = _check_residual(residual, x)
+    p.shift = np.zeros(C) if beta is None else _as_f64(_check_vector(beta, "beta", C))
+    p.dres3 = p.dres_result = p.dres_back = None
     return dy, x, ax, p
 
 
 def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
-               local: bool = True, output: bool = True) -> _GradPlan:
-    """_check_grad, then the layout (see _layout for output)."""
-    dy, x, ax, p = _check_grad(dy, x, mean, invstd, gamma, axis, local=local)
+               local: bool = True, beta=None, residual=None, activation=None,
+               residual_out=None, output: bool = True) -> _GradPlan:
+    """_check_grad, then the layout (outputs allocated: dx, and the residual's
+    gradient with a residual through ReLU)."""
+    dy, x, ax, p = _check_grad(dy, x, mean, invstd, gamma, axis, local=local, beta=beta,
+                               residual=residual, activation=activation)
     p.nt = _resolve_threads(n_threads, x.size)
-    _layout(p, x, ax, out, dy, output=output)
+    fused_res = p.relu and p.res3 is not None
+    if residual_out is not None and p.res3 is None:
+        raise ValueError("bncy: residual_out needs a residual")
+    if not p.relu:
+        p.res3 = None    # the add's gradient is dy itself: no kernel reads it
+    _layout(p, x, ax, out, dy, p.res3, residual_out if fused_res else False,
+            output=output)
+    if p.res3 is None and residual is not None:
+        # no activation: the residual's gradient is dy, copied now (before dx may
+        # overwrite it) when it goes to residual_out or dx may alias dy
+        d = np.asarray(dy)
+        if residual_out is not None:
+            _check_out(residual_out, d, "residual_out")
+            np.copyto(residual_out, d)
+            p.dres_result = residual_out
+        else:
+            p.dres_result = d.copy() if out is not None and np.may_share_memory(out, d) else d
     return p
+
+
+def _finish_dres(p: _GradPlan):
+    """The residual's gradient of a plan: written back to residual_out when it was
+    computed in another order."""
+    r, back = p.dres_result, p.dres_back
+    if back is not None and back is not r and not np.shares_memory(r, back):
+        np.copyto(r, back)
+    return r
 
 
 def _local_grad_sums(p: _GradPlan):
     """(sum dy, sum dy * (x - mean)) of the plan's arrays: the gradient-sums kernel."""
     sdy, sdyx = np.zeros(p.C), np.zeros(p.C)
     if p.x3.size:
-        p.k.grad_sums(p.dy3, p.x3, p.mean, sdy, sdyx, p.nt)
+        scale = None
+        if p.relu:   # the forward's scale, bit for bit (see _train_coefficients)
+            scale = p.invstd * p.gamma if p.gamma is not None else p.invstd
+        p.k.grad_sums(p.dy3, p.x3, p.mean, sdy, sdyx, p.nt, p.res3, p.relu, scale, p.shift)
     return sdy, sdyx
 
 
@@ -596,10 +688,11 @@ def _apply_grad(p: _GradPlan, sdy, sdyx, count: int, *, batch_stats: bool = True
     batch_stats=False: mean and invstd are constants (an eval-mode pass), so
     dx = gamma * invstd * dy."""
     dgamma = np.empty(p.C)
-    p.k.apply_grad(p.dy3, p.x3, p.mean, p.invstd, p.gamma, sdy, sdyx, float(count),
-                   batch_stats, p.y3, dgamma, p.nt)
-    return (p.result, dgamma.astype(p.dtype, copy=False),
-            np.asarray(sdy).astype(p.dtype, copy=False))
+    p.k.apply_grad(p.dy3, p.x3, p.res3, p.relu, p.mean, p.invstd, p.gamma, p.shift, sdy,
+                   sdyx, float(count), batch_stats, p.y3, p.dres3, dgamma, p.nt)
+    out = (p.result, dgamma.astype(p.dtype, copy=False),
+           np.asarray(sdy).astype(p.dtype, copy=False))
+    return out if p.dres_result is None else (*out, _finish_dres(p))
 
 
 # ---------------------------------------------------------------------------
@@ -610,6 +703,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
             eps: float = 1e-5, axis: int = 1, running_mean: _Floats | None = None,
             running_var: _Floats | None = None, momentum: float = 0.1,
             out: _Floats | None = None, n_threads: int | None = None,
+            residual: ArrayLike | None = None, activation: str | None = None,
             ) -> tuple[_Floats, NDArray[np.float64], NDArray[np.float64]]:
     """Batch normalization, training mode: normalise with the batch statistics.
 
@@ -636,13 +730,18 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     n_threads : int, optional
         OpenMP threads; None uses OpenMP's default (OMP_NUM_THREADS, threadpoolctl).
         Results are bitwise identical for every value.
+    residual : ndarray of x's shape and dtype, optional
+        Added to the normalised value before the activation, in the same pass
+        (a ResNet block's skip connection); any layout. ``out`` may be it.
+    activation : None or "relu", optional
+        Applied last, in the same pass: ``max(v, 0)`` (NaN stays NaN).
 
     Returns
     -------
     y : ndarray of x's shape and dtype
-        ``gamma * (x - mean) * invstd + beta``; ``out`` when given, else a new
-        array (of 4 MiB or more: memory from bncy's buffer cache, see
-        :func:`set_buffer_cache`).
+        ``act(gamma * (x - mean) * invstd + beta [+ residual])``, computed in
+        float64 and rounded once; ``out`` when given, else a new array (of 4 MiB
+        or more: memory from bncy's buffer cache, see :func:`set_buffer_cache`).
     mean : ndarray of shape (C,), float64
         The batch mean.
     invstd : ndarray of shape (C,), float64
@@ -656,18 +755,20 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
         A wrong shape, axis, size or parameter, fewer than 2 values per channel,
         or an unusable ``out``. Nothing is written when an exception is raised.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    # a plain call (fused or not) is checked and run in C, else None (see the
+    # kernels' Fast paths)
     r = _kernels_wide.forward_fast(x, gamma, beta, eps, axis, running_mean, running_var,
-                                   momentum, out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
+                                   momentum, out, n_threads, SMALL_WORK, _FAST_F64_BYTES,
+                                   residual, activation)
     if r is not None:
         return r
     p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                    n_threads)
+                    n_threads, residual=residual, activation=activation)
     C = p.C
     mean, m2, var, invstd, scale = (np.empty(C), np.empty(C), np.empty(C), np.empty(C),
                                     np.empty(C))
     # the forward job: moments, then the apply job (as batch_stats + apply_stats)
-    if p.k.forward_train(p.x3, p.gamma, p.shift, p.eps, p.y3, mean, m2, var, invstd,
+    if p.k.forward_train(p.x3, p.res3, p.relu, p.gamma, p.shift, p.eps, p.y3, mean, m2, var, invstd,
                          scale, p.running_mean, p.running_var, p.momentum, p.nt):
         _finish_rescued(p, p.count, mean, m2, var, invstd, scale)  # a channel to rescue
     return p.result, mean, invstd
@@ -676,7 +777,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
 def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
               gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
               eps: float = 1e-5, axis: int = 1, out: _Floats | None = None,
-              n_threads: int | None = None) -> _Floats:
+              n_threads: int | None = None, residual: ArrayLike | None = None,
+              activation: str | None = None) -> _Floats:
     """Batch normalization, inference mode: normalise with the running statistics.
 
     Parameters
@@ -695,42 +797,50 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
         As in :func:`forward`; may be x itself.
     n_threads : int, optional
         As in :func:`forward`.
+    residual, activation : optional
+        As in :func:`forward`.
 
     Returns
     -------
     y : ndarray of x's shape and dtype
-        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; ``out``
-        or a new array, as in :func:`forward`.
+        ``act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+        [+ residual])``; ``out`` or a new array, as in :func:`forward`.
 
     Raises
     ------
     TypeError, ValueError
         As in :func:`forward`. A single value per channel is fine here.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    # a plain call (fused or not) is checked and run in C, else None (see the
+    # kernels' Fast paths)
     y = _kernels_wide.inference_fast(x, running_mean, running_var, gamma, beta, eps, axis,
-                                     out, n_threads, SMALL_WORK, _FAST_F64_BYTES)
+                                     out, n_threads, SMALL_WORK, _FAST_F64_BYTES, residual,
+                                     activation)
     if y is not None:
         return y
     x = _check_x(x)
     ax = _check_axis(axis, x.ndim)
     C = x.shape[ax]
     p = _InferPlan()
+    p.relu = _check_activation(activation)
+    p.res3 = _check_residual(residual, x)
     p.running_mean = _as_f64(_check_vector(running_mean, "running_mean", C))
     p.running_var = _as_f64(_check_vector(running_var, "running_var", C))
     p.gamma = None if gamma is None else _as_f64(_check_vector(gamma, "gamma", C))
     p.beta = None if beta is None else _as_f64(_check_vector(beta, "beta", C))
     p.eps = _check_eps(eps)
     p.nt = _resolve_threads(n_threads, x.size)
-    _layout(p, x, ax, out)
-    p.k.inference_train(p.x3, p.running_mean, p.running_var, p.gamma, p.beta, p.eps, p.y3,
+    _layout(p, x, ax, out, res=p.res3)
+    p.k.inference_train(p.x3, p.res3, p.relu, p.running_mean, p.running_var, p.gamma, p.beta, p.eps, p.y3,
                         p.nt)
     return p.result
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
              gamma: ArrayLike | None = None, *, axis: int = 1, out: _Floats | None = None,
-             n_threads: int | None = None) -> tuple[_Floats, _Floats, _Floats]:
+             n_threads: int | None = None, beta: ArrayLike | None = None,
+             residual: ArrayLike | None = None, activation: str | None = None,
+             residual_out: _Floats | None = None) -> tuple[_Floats, ...]:
     """Gradients of training-mode batch normalization (the closed form).
 
     With ``g = gamma * dy`` and ``xhat = (x - mean) * invstd``, per channel over the
@@ -757,34 +867,54 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         (or x) itself.
     n_threads : int, optional
         As in :func:`forward`; results are bitwise identical for every value.
+    beta, residual, activation : optional
+        Those of the forward pass (a fused ``forward(..., residual=,
+        activation=)``). With ``activation="relu"`` dy is taken where the
+        forward's y was > 0 (PyTorch's definition), else 0, without a masked
+        copy: the mask is recomputed from x, mean, invstd, gamma, beta and the
+        residual, the same float64 expression rounded the same way, so the same
+        bits as ``y > 0``. This reads no more than the plain backward (y would be
+        one more array in each of the two passes). They must be the values the
+        forward used.
+    residual_out : ndarray, optional
+        Where to write the residual's gradient (x's shape and dtype); with
+        ReLU it is written in the pass that writes dx. Must not overlap ``out``.
 
     Returns
     -------
     dx : ndarray of x's shape and dtype
         ``out`` or a new array, as in :func:`forward`.
     dgamma, dbeta : ndarray of shape (C,), x's dtype
+    dresidual : ndarray of x's shape and dtype, only when ``residual`` is given
+        The masked dy (``residual_out`` or a new array); without an activation
+        it is dy (dy itself unless ``out`` or ``residual_out`` needed a copy).
 
     Raises
     ------
     TypeError, ValueError
         As in :func:`forward`; also when dy's shape or dtype differs from x's.
     """
-    # a plain call is checked and run in C, else None (see the kernels' Fast paths)
+    # a plain call (also through ReLU, with a residual and no residual_out) is
+    # checked and run in C, else None (see the kernels' Fast paths)
     r = _kernels_wide.backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
-                                    SMALL_WORK, _FAST_F64_BYTES)
+                                    SMALL_WORK, _FAST_F64_BYTES, beta, residual, activation,
+                                    residual_out)
     if r is not None:
         return r
-    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads)
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, beta=beta,
+                   residual=residual, activation=activation, residual_out=residual_out)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
     # the backward job: gradient sums, then the gradient apply job
-    p.k.backward_train(p.dy3, p.x3, p.mean, p.invstd, p.gamma, p.y3, sdy, dgamma, p.nt)
-    return (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
+    p.k.backward_train(p.dy3, p.x3, p.res3, p.relu, p.mean, p.invstd, p.gamma, p.shift,
+                       p.y3, p.dres3, sdy, dgamma, p.nt)
+    out = (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
+    return out if p.dres_result is None else (*out, _finish_dres(p))
 
 
-def _backward_eval(dy, x, mean, invstd, gamma, axis, n_threads):
+def _backward_eval(dy, x, mean, invstd, gamma, axis, n_threads, **fused):
     """The gradient of an eval-mode pass (mean and invstd constants): the sums,
     then the gradient apply job with batch_stats=False (bncy.BatchNorm)."""
-    p = _plan_grad(dy, x, mean, invstd, gamma, axis, None, n_threads)
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, None, n_threads, **fused)
     return _apply_grad(p, *_local_grad_sums(p), p.count, batch_stats=False)
 
 
@@ -854,16 +984,18 @@ def apply_stats(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
                 beta: ArrayLike | None = None, *, eps: float = 1e-5, axis: int = 1,
                 running_mean: _Floats | None = None, running_var: _Floats | None = None,
                 momentum: float = 0.1, out: _Floats | None = None,
-                n_threads: int | None = None,
+                n_threads: int | None = None, residual: ArrayLike | None = None,
+                activation: str | None = None,
                 ) -> tuple[_Floats, NDArray[np.float64], NDArray[np.float64]]:
     """Phase 3 of a split forward pass: normalise x with (merged) statistics.
 
-    Arguments and results as in :func:`forward`, with ``stats`` from
+    Arguments and results as in :func:`forward` (``residual`` and ``activation``
+    included), with ``stats`` from
     :func:`merge_stats`; the running statistics are updated with them. x may be
     empty. Raises ValueError when ``stats.count < 2``.
     """
     p = _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                    n_threads, local=False)
+                    n_threads, local=False, residual=residual, activation=activation)
     count = operator.index(stats.count)
     mean = _as_f64(_check_vector(stats.mean, "stats.mean", p.C)).copy()
     m2 = _as_f64(_check_vector(stats.m2, "stats.m2", p.C)).copy()
@@ -874,14 +1006,22 @@ def apply_stats(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
 
 
 def grad_stats(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,
-               n_threads: int | None = None) -> GradStats:
+               n_threads: int | None = None, invstd: ArrayLike | None = None,
+               gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
+               residual: ArrayLike | None = None,
+               activation: str | None = None) -> GradStats:
     """Phase 1 of a split backward pass: the local sums, about the batch's mean.
 
     Sum the parts with :func:`merge_grad_stats`; finish with :func:`apply_grad`.
+    With ``activation="relu"`` the sums are of dy masked as in :func:`backward`,
+    which needs ``invstd`` (and gamma, beta, residual as in the forward).
     """
     C = _check_x(x, allow_empty=True).shape[_check_axis(axis, np.ndim(x))]
-    p = _plan_grad(dy, x, mean, np.ones(C), None, axis, None, n_threads, local=False,
-                   output=False)
+    if activation is not None and invstd is None:
+        raise ValueError("bncy: grad_stats with an activation needs invstd")
+    p = _plan_grad(dy, x, mean, np.ones(C) if invstd is None else invstd, gamma, axis,
+                   None, n_threads, local=False, beta=beta, residual=residual,
+                   activation=activation, output=False)
     return GradStats(*_local_grad_sums(p))
 
 
@@ -903,13 +1043,18 @@ def merge_grad_stats(parts: Sequence[GradStats]) -> GradStats:
 def apply_grad(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                stats: GradStats, count: int, gamma: ArrayLike | None = None, *,
                axis: int = 1, out: _Floats | None = None, n_threads: int | None = None,
-               ) -> tuple[_Floats, _Floats, _Floats]:
+               beta: ArrayLike | None = None, residual: ArrayLike | None = None,
+               activation: str | None = None, residual_out: _Floats | None = None,
+               ) -> tuple[_Floats, ...]:
     """Phase 3 of a split backward pass: dx of this part, dgamma and dbeta of the
     whole batch, from the merged sums and the batch's value count per channel.
 
-    Arguments and results as in :func:`backward`. x may be empty.
+    Arguments and results as in :func:`backward` (the fused options included;
+    ``stats`` from :func:`grad_stats` with the same ones). x may be empty.
     """
-    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, local=False)
+    p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, local=False,
+                   beta=beta, residual=residual, activation=activation,
+                   residual_out=residual_out)
     sdy = _as_f64(_check_vector(stats.sum_dy, "stats.sum_dy", p.C))
     sdyx = _as_f64(_check_vector(stats.sum_dy_xc, "stats.sum_dy_xc", p.C))
     n = operator.index(count)

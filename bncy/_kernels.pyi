@@ -49,11 +49,15 @@ def describe_paths(N: int, C: int, S: int, itemsize: int, n_threads: int) -> dic
 # Fast paths: public arguments as given; None when the call is not plain.
 def forward_fast(x: object, gamma: object, beta: object, eps: object, axis: object,
                  running_mean: object, running_var: object, momentum: object, out: object,
-                 n_threads: object, small_work: int,
-                 f64_limit: int) -> tuple[_F, _D, _D] | None: ...
+                 n_threads: object, small_work: int, f64_limit: int,
+                 residual: object = None,
+                 activation: object = None) -> tuple[_F, _D, _D] | None: ...
 def inference_fast(x: object, running_mean: object, running_var: object, gamma: object,
                    beta: object, eps: object, axis: object, out: object, n_threads: object,
-                   small_work: int, f64_limit: int) -> _F | None: ...
+                   small_work: int, f64_limit: int, residual: object = None,
+                   activation: object = None) -> _F | None: ...
 def backward_fast(dy: object, x: object, mean: object, invstd: object, gamma: object,
                   axis: object, out: object, n_threads: object, small_work: int,
-                  f64_limit: int) -> tuple[_F, _F, _F] | None: ...
+                  f64_limit: int, beta: object = None, residual: object = None,
+                  activation: object = None,
+                  residual_out: object = None) -> tuple[_F, ...] | None: ...

@@ -34,6 +34,9 @@ class BatchNorm:
         dtype of gamma, beta and the running statistics.
     n_threads : int, optional
         OpenMP threads for every call; None uses OpenMP's default.
+    activation : None or "relu", default None
+        Fused after the normalisation (and the residual given to :meth:`forward`),
+        in the same pass; the backward recomputes ReLU's mask from x.
     comm : mpi4py communicator, optional
         Synchronized batch norm: training statistics (and the gradient's sums) span
         the batches of every rank of ``comm`` (see :mod:`bncy.distributed`); every
@@ -57,7 +60,8 @@ class BatchNorm:
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, axis: int = 1, dtype=np.float32,
-                 n_threads: int | None = None, comm=None) -> None:
+                 n_threads: int | None = None, comm=None, activation: str | None = None,
+                 ) -> None:
         try:
             C = operator.index(num_features)
         except TypeError:
@@ -68,6 +72,8 @@ class BatchNorm:
         if dt not in _api._FLOATS:
             raise TypeError(f"bncy: dtype {dt} is not supported; use float32 or float64")
         self.eps = _api._check_eps(eps)
+        _api._check_activation(activation)
+        self.activation = activation
         m = _api._check_real(momentum, "momentum")
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"bncy: momentum must be in [0, 1], got {momentum!r}")
@@ -94,7 +100,7 @@ class BatchNorm:
         self.dbeta: NDArray | None = None
         self.num_batches_tracked = 0
         self.training = True
-        self._saved = None  # (x, mean, invstd, batch_stats) of the last forward
+        self._saved = None  # (x, mean, invstd, batch_stats, residual) of the last forward
 
     # -- modes ---------------------------------------------------------------
     def train(self, mode: bool = True) -> BatchNorm:
@@ -115,12 +121,16 @@ class BatchNorm:
                              f"{self.axis}, got input of shape {x.shape}")
         return x
 
-    def forward(self, x: ArrayLike) -> NDArray:
-        """Normalise x: batch statistics in training mode, running ones in eval mode.
+    def forward(self, x: ArrayLike, residual: ArrayLike | None = None) -> NDArray:
+        """Normalise x: batch statistics in training mode, running ones in eval mode;
+        then add the residual (x's shape and dtype) and apply the activation.
 
-        Returns y of x's shape and dtype.
+        Returns y of x's shape and dtype. The layer keeps references to x and the
+        residual (which the caller holds anyway), nothing of x's size besides.
         """
         x = self._check_input(x)
+        residual = _api._check_residual(residual, x)
+        fused = {"residual": residual, "activation": self.activation}
         if self.training:
             if self.comm is None:
                 fwd, extra = _api.forward, {}
@@ -131,21 +141,22 @@ class BatchNorm:
             y, mean, invstd = fwd(
                 x, self.gamma, self.beta, eps=self.eps, axis=self.axis,
                 running_mean=self.running_mean, running_var=self.running_var,
-                momentum=self.momentum, n_threads=self.n_threads, **extra)
+                momentum=self.momentum, n_threads=self.n_threads, **extra, **fused)
             self.num_batches_tracked += 1
-            self._saved = (x, mean, invstd, True)
+            self._saved = (x, mean, invstd, True, residual)
         else:
             y = _api.inference(x, self.running_mean, self.running_var, self.gamma,
                                self.beta, eps=self.eps, axis=self.axis,
-                               n_threads=self.n_threads)
+                               n_threads=self.n_threads, **fused)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
+            self._saved = (x, self.running_mean.astype(np.float64), invstd, False, residual)
         return y
 
     __call__ = forward
 
-    def backward(self, dy: ArrayLike) -> NDArray:
-        """Gradient with respect to the input of the last :meth:`forward`.
+    def backward(self, dy: ArrayLike):
+        """Gradient with respect to the input of the last :meth:`forward`, and with
+        respect to its residual when one was given (then ``(dx, dresidual)``).
 
         After a training-mode forward this is the closed-form batch-norm gradient
         (through the batch mean and variance). After an eval-mode forward it is the
@@ -162,24 +173,24 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("bncy: backward() needs a forward() first")
-        x, mean, invstd, batch_stats = self._saved
+        x, mean, invstd, batch_stats, residual = self._saved
         dy = _api._check_x(dy, "dy", allow_empty=self.comm is not None)
         if dy.shape != x.shape:
             raise ValueError(f"bncy: dy has shape {dy.shape}, expected {x.shape}")
+        fused = {"beta": self.beta, "residual": residual, "activation": self.activation}
         if batch_stats and self.comm is not None:
             from bncy import distributed
 
-            dx, dgamma, dbeta = distributed.backward(dy, x, mean, invstd, self.gamma,
-                                                     comm=self.comm, axis=self.axis,
-                                                     n_threads=self.n_threads)
+            r = distributed.backward(dy, x, mean, invstd, self.gamma, comm=self.comm,
+                                     axis=self.axis, n_threads=self.n_threads, **fused)
         elif batch_stats:
-            dx, dgamma, dbeta = _api.backward(dy, x, mean, invstd, self.gamma, axis=self.axis,
-                                              n_threads=self.n_threads)
+            r = _api.backward(dy, x, mean, invstd, self.gamma, axis=self.axis,
+                              n_threads=self.n_threads, **fused)
         else:
-            dx, dgamma, dbeta = _api._backward_eval(dy, x, mean, invstd, self.gamma,
-                                                    self.axis, self.n_threads)
-        self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
-        return dx
+            r = _api._backward_eval(dy, x, mean, invstd, self.gamma, self.axis,
+                                    self.n_threads, **fused)
+        self.dgamma, self.dbeta = r[1].astype(self.dtype), r[2].astype(self.dtype)
+        return r[0] if residual is None else (r[0], r[3])
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict:

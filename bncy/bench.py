@@ -140,10 +140,60 @@ def _compile_case(torch, x, dy, axis, C):
 PEERS = {"mkldnn": _mkldnn_case, "compile": _compile_case}
 
 
+def _torch_fused_case(torch, x, dy, r, axis, C):
+    """PyTorch eager relu(batch_norm(x) [+ r]) and its backward as autograd runs
+    it: threshold_backward on the saved output, then native_batch_norm_backward
+    (eager fuses nothing)."""
+    tx, tdy = _torch_tensors(torch, x, dy, axis)
+    tr = None if r is None else _torch_tensors(torch, r, r, axis)[0]
+    w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
+    rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
+    nbn, nbn_bwd = torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm_backward
+
+    def fwd(train):
+        y, m, s = nbn(tx, w, b, rm, rv, train, 0.1, 1e-5)
+        return torch.relu(y if tr is None else y + tr), m, s
+
+    ty, m, s = fwd(True)
+
+    def bwd():
+        g = torch.ops.aten.threshold_backward(tdy, ty, 0)
+        return nbn_bwd(g, tx, w, rm, rv, m, s, True, 1e-5, [True, True, True]), g
+
+    return {"forward": lambda: fwd(True), "inference": lambda: fwd(False), "backward": bwd}
+
+
+def _unfused_case(x, dy, r, g, b, rm, rv, axis, n_threads):
+    """The NumPy composition a user writes today: plain bncy, then the residual
+    add and np.maximum; backward masks dy where the kept y > 0, then bncy.backward
+    (the residual's gradient is that masked dy)."""
+    y, m, s = bncy.forward(x, g, b, axis=axis, n_threads=n_threads)
+    y = np.maximum(y if r is None else y + r, 0)
+
+    def fwd():
+        z = bncy.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv,
+                         n_threads=n_threads)[0]
+        return np.maximum(z if r is None else z + r, 0)
+
+    def inf():
+        z = bncy.inference(x, rm, rv, g, b, axis=axis, n_threads=n_threads)
+        return np.maximum(z if r is None else z + r, 0)
+
+    def bwd():
+        gm = np.where(y > 0, dy, 0)
+        return bncy.backward(gm, x, m, s, g, axis=axis, n_threads=n_threads), gm
+
+    return {"forward": fwd, "inference": inf, "backward": bwd}
+
+
 def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=True,
-        peers=(), bandwidth_bytes=256 << 20, prealloc=False):
+        peers=(), bandwidth_bytes=256 << 20, prealloc=False, activation=None,
+        residual=False):
     """Time every case; prealloc: bncy and torch write into outputs allocated once
-    (the reference and the further peers allocate as usual)."""
+    (the reference and the further peers allocate as usual). activation="relu"
+    and/or residual: bncy's fused calls, against the unfused NumPy composition
+    (the "unfused" column) and torch eager relu(batch_norm(x) [+ r])."""
+    fused = activation is not None or residual
     try:
         import torch
     except ImportError:
@@ -166,27 +216,40 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                 rng = np.random.default_rng(0)
                 x = rng.standard_normal(shape).astype(dtype)
                 dy = rng.standard_normal(shape).astype(dtype)
+                r = rng.standard_normal(shape).astype(dtype) if residual else None
                 C = shape[axis]
                 g, b = np.ones(C, dtype), np.zeros(C, dtype)
                 rm, rv = np.zeros(C), np.ones(C)
                 _, m, s = bncy.forward(x, g, b, axis=axis)
                 yo = np.empty_like(x) if prealloc else None
                 dxo = np.empty_like(x) if prealloc else None
+                dro = np.empty_like(x) if prealloc and residual and activation else None
+                fk = {"residual": r, "activation": activation}
                 ours = {
                     "forward": lambda: bncy.forward(x, g, b, axis=axis, running_mean=rm,
-                                                    running_var=rv, out=yo, n_threads=nt),
+                                                    running_var=rv, out=yo, n_threads=nt,
+                                                    **fk),
                     "inference": lambda: bncy.inference(x, rm, rv, g, b, axis=axis, out=yo,
-                                                        n_threads=nt),
+                                                        n_threads=nt, **fk),
                     "backward": lambda: bncy.backward(dy, x, m, s, g, axis=axis, out=dxo,
-                                                      n_threads=nt),
+                                                      n_threads=nt, beta=b,
+                                                      residual_out=dro, **fk),
                 }
                 ref = {
-                    "forward": lambda: reference.forward(x, g, b, axis=axis),
-                    "inference": lambda: reference.inference(x, rm, rv, g, b, axis=axis),
-                    "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis),
+                    "forward": lambda: reference.forward(x, g, b, axis=axis, **fk),
+                    "inference": lambda: reference.inference(x, rm, rv, g, b, axis=axis,
+                                                             **fk),
+                    "backward": lambda: reference.backward(dy, x, m, s, g, axis=axis,
+                                                           beta=b, **fk),
                 }
-                peer = (_torch_case(torch, x, dy, axis, C, prealloc) if torch is not None
-                        else {})
+                unfused = (_unfused_case(x, dy, r, g, b, rm, rv, axis, nt) if fused
+                           else {})
+                if torch is None:
+                    peer = {}
+                elif fused:
+                    peer = _torch_fused_case(torch, x, dy, r, axis, C)
+                else:
+                    peer = _torch_case(torch, x, dy, axis, C, prealloc)
                 extra = {name: PEERS[name](torch, x, dy, axis, C) if torch is not None else {}
                          for name in peers}
                 for op in OPS:
@@ -200,7 +263,10 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                         "dtype": np.dtype(dtype).name, "op": op, "threads": nt,
                         "bncy_s": t, "torch_s": tt, "reference_s": tr,
                         "bound_s": tb, "mbytes": x.nbytes / 1e6,
+                        "activation": activation, "residual": bool(residual),
                     }
+                    if fused:
+                        row["unfused_s"] = _median(unfused[op], repeats, budget)
                     for pname, fs in extra.items():
                         row[f"{pname}_s"] = _median(fs[op], repeats, budget) if op in fs else None
                     rows.append(row)
@@ -217,11 +283,14 @@ def _fmt_time(t):
 
 def table(rows, bws, peers=()) -> str:
     out = []
+    if rows and "unfused_s" in rows[0]:
+        peers = ("unfused", *peers)   # the NumPy composition, as one more peer
     for nt, bw in bws.items():
         out.append(f"threads={nt}: read {bw['read']:.1f} GB/s, read+write {bw['copy']:.1f} GB/s")
     head = (f"{'case':24s} {'dtype':8s} {'op':10s} {'thr':>3s} {'bncy':>10s} {'torch':>10s} "
             f"{'reference':>10s} {'vs torch':>9s} {'vs ref':>8s} {'of bound':>9s}"
-            + "".join(f" {'torch ' + p:>14s} {'vs it':>6s}" for p in peers))
+            + "".join(f" {p if p == 'unfused' else 'torch ' + p:>14s} {'vs it':>6s}"
+                      for p in peers))
     out += [head, "-" * len(head)]
     for r in rows:
         vt = f"{r['torch_s'] / r['bncy_s']:.2f}x" if r["torch_s"] else "-"
@@ -302,6 +371,11 @@ def main(argv=None) -> int:
     p.add_argument("--shape", action="append", metavar="AxBxC[:AXIS]",
                    help="a case to run instead of the default matrix (repeatable), e.g. "
                         "256x512x7x7 or 256x7x7x512:-1 (channel axis 1 unless given)")
+    p.add_argument("--activation", choices=["relu"],
+                   help="time the fused calls with this activation (torch: relu after "
+                        "batch_norm; 'unfused': bncy then np.maximum)")
+    p.add_argument("--residual", action="store_true",
+                   help="time the fused calls with a residual added before the activation")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
@@ -323,7 +397,8 @@ def main(argv=None) -> int:
     try:
         rows, bws = run(threads, shapes, dtypes, repeats, budget,
                         with_reference=not args.no_reference, peers=peers,
-                        prealloc=args.out)
+                        prealloc=args.out, activation=args.activation,
+                        residual=args.residual)
         cache_info = bncy.buffer_cache_info()
     finally:
         if cache is not None:
@@ -332,7 +407,9 @@ def main(argv=None) -> int:
           f"{platform.machine()}, {platform.python_version()}; outputs "
           + ("preallocated (--out)" if args.out else
              "new per call, bncy's " + ("fresh (--no-cache)" if args.no_cache
-                                        else "from its buffer cache")))
+                                        else "from its buffer cache"))
+          + (f"; fused: activation={args.activation}, residual={args.residual}"
+             if args.activation or args.residual else ""))
     print(table(rows, bws, peers))
     if args.json:
         with open(args.json, "w") as fh:

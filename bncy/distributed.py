@@ -82,7 +82,7 @@ def _guarded(step):
 def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
             comm, eps: float = 1e-5, axis: int = 1, running_mean=None, running_var=None,
             momentum: float = 0.1, out=None, n_threads: int | None = None,
-            ) -> tuple[NDArray, NDArray, NDArray]:
+            residual=None, activation=None) -> tuple[NDArray, NDArray, NDArray]:
     """Training-mode batch normalization with the statistics of all ranks' batches.
 
     Arguments and results as in :func:`bncy.forward`, plus ``comm`` (an mpi4py
@@ -96,7 +96,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     def local():
         # every argument of apply_stats checked before the collective
         x_, _, p = _api._check_train(x, gamma, beta, eps, axis, running_mean, running_var,
-                                     momentum, local=False)
+                                     momentum, local=False, residual=residual,
+                                     activation=activation)
         if out is not None:
             _api._check_out(out, x_)
         _api._resolve_threads(n_threads, 0)
@@ -111,13 +112,16 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
                          f"training, got {total.count} over all ranks")
     return _api.apply_stats(x, total, gamma, beta, eps=eps, axis=axis,
                             running_mean=running_mean, running_var=running_var,
-                            momentum=momentum, out=out, n_threads=n_threads)
+                            momentum=momentum, out=out, n_threads=n_threads,
+                            residual=residual, activation=activation)
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
              gamma: ArrayLike | None = None, *, comm, axis: int = 1, out=None,
-             n_threads: int | None = None) -> tuple[NDArray, NDArray, NDArray]:
-    """Gradients of :func:`forward`: this rank's dx; dgamma, dbeta of the whole batch.
+             n_threads: int | None = None, beta=None, residual=None, activation=None,
+             residual_out=None) -> tuple[NDArray, ...]:
+    """Gradients of :func:`forward`: this rank's dx; dgamma, dbeta of the whole batch
+    (and this rank's residual gradient when a residual is given).
 
     Arguments and results as in :func:`bncy.backward`, plus ``comm``; ``mean`` and
     ``invstd`` are those :func:`forward` returned.
@@ -126,11 +130,15 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
 
     def local():
         # every argument of apply_grad checked before the collective
-        dy_, x_, _, p = _api._check_grad(dy, x, mean, invstd, gamma, axis, local=False)
+        dy_, x_, _, p = _api._check_grad(dy, x, mean, invstd, gamma, axis, local=False,
+                                         beta=beta, residual=residual,
+                                         activation=activation)
         if out is not None:
             _api._check_out(out, x_)
         _api._resolve_threads(n_threads, 0)
-        g = _api.grad_stats(dy_, x_, mean, axis=axis, n_threads=n_threads)
+        g = _api.grad_stats(dy_, x_, mean, axis=axis, n_threads=n_threads, invstd=invstd,
+                            gamma=gamma, beta=beta, residual=residual,
+                            activation=activation)
         return p.C, p.dtype.str, (p.count, g.sum_dy, g.sum_dy_xc)
 
     status = _guarded(local)
@@ -139,7 +147,8 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     count = sum(part[0] for part in parts)
     total = _api.merge_grad_stats([_api.GradStats(part[1], part[2]) for part in parts])
     return _api.apply_grad(dy, x, mean, invstd, total, count, gamma, axis=axis, out=out,
-                           n_threads=n_threads)
+                           n_threads=n_threads, beta=beta, residual=residual,
+                           activation=activation, residual_out=residual_out)
 
 
 class SyncBatchNorm(BatchNorm):

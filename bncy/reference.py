@@ -5,6 +5,11 @@ Same signatures as :func:`bncy.forward`, :func:`bncy.backward` and
 at the end. Written to be read beside ``docs/derivation.md``: each line is one
 equation there. ``out`` is honoured; ``n_threads`` is accepted and ignored.
 It validates only what it needs to compute; the error contract is bncy's.
+
+The fused options (``residual``, ``activation="relu"``) are the unfused
+composition: the normalised value, plus the residual, through ``np.maximum``,
+rounded once; the backward masks dy where the rounded y is > 0 (PyTorch's
+definition of ReLU's gradient) and runs the plain backward on the masked dy.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ def _per_channel(v, bshape, default):
     return np.asarray(v, dtype=np.float64).reshape(bshape)
 
 
+def _activate(y, x, axis, residual, activation):
+    """y (float64) plus the residual, through the activation."""
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y
+
+
 def _emit(value: np.ndarray, dtype, out):
     if out is None:
         return value.astype(dtype)
@@ -36,7 +50,8 @@ def _emit(value: np.ndarray, dtype, out):
 
 
 def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
-            running_var=None, momentum=0.1, out=None, n_threads=None):
+            running_var=None, momentum=0.1, out=None, n_threads=None, residual=None,
+            activation=None):
     """Training-mode forward pass; returns (y, mean, invstd) like :func:`bncy.forward`."""
     x = np.asarray(x)
     reduce, bshape, M = _axes(x, axis)
@@ -47,6 +62,7 @@ def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
     invstd = 1.0 / np.sqrt(var + eps)                          # (3)
     xhat = xc * invstd.reshape(bshape)                         # (4) x-hat
     y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)  # (5)
+    y = _activate(y, x, axis, residual, activation)
     if running_mean is not None:
         running_mean[...] = (1 - momentum) * running_mean + momentum * mu
         running_var[...] = (1 - momentum) * running_var + momentum * var * M / (M - 1)
@@ -54,7 +70,7 @@ def forward(x, gamma=None, beta=None, *, eps=1e-5, axis=1, running_mean=None,
 
 
 def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1,
-              out=None, n_threads=None):
+              out=None, n_threads=None, residual=None, activation=None):
     """Inference-mode pass with the running statistics, like :func:`bncy.inference`."""
     x = np.asarray(x)
     _, bshape, _ = _axes(x, axis)
@@ -63,15 +79,32 @@ def inference(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, 
     rv = _per_channel(running_var, bshape, 1.0)
     xhat = (X - rm) / np.sqrt(rv + eps)
     y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)
-    return _emit(y, x.dtype, out)
+    return _emit(_activate(y, x, axis, residual, activation), x.dtype, out)
 
 
-def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
-    """Closed-form backward pass; returns (dx, dgamma, dbeta) like :func:`bncy.backward`.
+def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None,
+             beta=None, residual=None, activation=None, residual_out=None):
+    """Closed-form backward pass; returns (dx, dgamma, dbeta) like :func:`bncy.backward`,
+    and the residual's gradient fourth when a residual is given.
 
     With g = gamma * dy: dx = invstd / M * (M g - sum(g) - xhat * sum(g xhat)).
+    With activation="relu", dy is first replaced by dy where y > 0, else 0, with y
+    the forward's rounded output (recomputed here from x, mean, invstd, gamma, beta
+    and the residual); the residual's gradient is that masked dy.
     """
     x = np.asarray(x)
+    if activation == "relu" or residual is not None:
+        reduce, bshape, _ = _axes(x, axis)
+        if activation == "relu":
+            xhat = ((x.astype(np.float64) - np.asarray(mean, np.float64).reshape(bshape))
+                    * np.asarray(invstd, np.float64).reshape(bshape))
+            y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)
+            y = _activate(y, x, axis, residual, activation).astype(x.dtype)
+            dy = np.where(y > 0, dy, 0).astype(x.dtype)
+        res = backward(dy, x, mean, invstd, gamma, axis=axis, out=out)
+        if residual is None:
+            return res
+        return (*res, _emit(np.asarray(dy, np.float64), x.dtype, residual_out))
     reduce, bshape, M = _axes(x, axis)
     X = x.astype(np.float64)
     DY = np.asarray(dy, dtype=np.float64)

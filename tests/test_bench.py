@@ -107,3 +107,46 @@ def test_no_cache_runs_without_the_cache_and_restores_it(tmp_path, capsys):
     assert "fresh (--no-cache)" in capsys.readouterr().out
     assert json.loads(out.read_text())["buffer_cache"]["limit"] == 0
     assert bncy.buffer_cache_info()["limit"] == limit
+
+
+@pytest.mark.parametrize("flags", [["--activation", "relu"], ["--residual"],
+                                   ["--activation", "relu", "--residual"]])
+def test_fused_flags_report_the_unfused_composition(flags, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--threads", "1", "--dtypes", "float32", "--no-reference",
+                       "--shape", "8x3x4x4", "--json", str(out)] + flags) == 0
+    text = capsys.readouterr().out
+    assert "unfused" in text and "fused: activation=" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"] for r in rows] == list(bench.OPS)
+    for r in rows:
+        assert r["unfused_s"] > 0 and r["residual"] == ("--residual" in flags)
+        assert r["activation"] == ("relu" if "relu" in flags else None)
+        assert r["torch_s"] is None or r["torch_s"] > 0
+
+
+def test_fused_cases_compute_what_they_time():
+    """The unfused composition and torch's eager case give the fused call's
+    values (so the columns compare like with like)."""
+    rng = np.random.default_rng(1)
+    shape, axis, C = (6, 4, 5, 5), 1, 4
+    x, dy, r = (rng.standard_normal(shape) for _ in range(3))
+    g, b = np.ones(C), np.zeros(C)
+    rm, rv = np.zeros(C), np.ones(C)
+    import bncy
+
+    y, m, s = bncy.forward(x, g, b, residual=r, activation="relu")
+    dx, _, _, dr = bncy.backward(dy, x, m, s, g, beta=b, residual=r, activation="relu")
+    unf = bench._unfused_case(x, dy, r, g, b, rm.copy(), rv.copy(), axis, 1)
+    np.testing.assert_array_equal(unf["forward"](), y)
+    (udx, _, _), udr = unf["backward"]()
+    np.testing.assert_allclose(udx, dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(udr, dr)
+    torch = pytest.importorskip("torch")
+    tc = bench._torch_fused_case(torch, x, dy, r, axis, C)
+    np.testing.assert_allclose(tc["forward"]()[0].numpy(), y, rtol=1e-10, atol=1e-10)
+    (tdx, _, _), tdr = tc["backward"]()
+    np.testing.assert_allclose(tdx.numpy(), dx, rtol=1e-8, atol=1e-8)
+    np.testing.assert_array_equal(tdr.numpy(), dr)

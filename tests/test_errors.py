@@ -103,6 +103,26 @@ CASES = [
     ("n_threads negative", ValueError, lambda st: _bwd(st, n_threads=-2)),
     ("n_threads float", TypeError, lambda st: _inf(st, n_threads=2.0)),
     ("n_threads bool", TypeError, lambda st: _inf(st, n_threads=True)),
+    # fused residual and activation
+    ("activation unknown", ValueError, lambda st: _fwd(st, activation="gelu")),
+    ("activation not a string", TypeError, lambda st: _inf(st, activation=1)),
+    ("activation callable", TypeError, lambda st: _bwd(st, activation=np.maximum)),
+    ("residual dtype", TypeError, lambda st: _fwd(st, residual=st["x"].astype(np.float32))),
+    ("residual int", TypeError, lambda st: _inf(st, residual=np.ones((4, C, 5), np.int64))),
+    ("residual shape", ValueError, lambda st: _fwd(st, residual=np.ones((4, C, 6)),
+                                                   activation="relu")),
+    ("residual shape inference", ValueError, lambda st: _inf(st, residual=np.ones((4, C)))),
+    ("residual shape backward", ValueError, lambda st: _bwd(st, residual=np.ones((4, C, 4)),
+                                                            activation="relu")),
+    ("backward beta shape", ValueError, lambda st: _bwd(st, beta=np.ones(C + 1),
+                                                        activation="relu")),
+    ("residual_out without residual", ValueError,
+     lambda st: _bwd(st, residual_out=np.empty((4, C, 5)))),
+    ("residual_out overlaps out", ValueError,
+     lambda st: _bwd(st, residual=st["x"], activation="relu", residual_out=st["out"])),
+    ("residual_out dtype", TypeError,
+     lambda st: _bwd(st, residual=st["x"], activation="relu",
+                     residual_out=np.empty((4, C, 5), np.float32))),
 ]
 
 

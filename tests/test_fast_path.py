@@ -238,3 +238,62 @@ def test_large_float64_stays_off_the_wide_build(rng):
     assert FAST.inference_fast(x, np.zeros(4), np.ones(4), None, None, 1e-5, 1, None, 1, 0,
                                8 * 31) is None
     assert FAST.forward_fast(x.astype(np.float32), *f, 0) is not None
+
+
+@pytest.mark.parametrize("with_res", [False, True], ids=["relu", "residual+relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_fast_path_matches_the_general_path_bitwise(case, dtype, with_res, rng,
+                                                          monkeypatch):
+    """The fused calls (activation="relu", a residual) take the fast path too, with
+    the general path's bits, y over the residual included."""
+    shape, axis = case
+    x = make(shape, dtype, rng, scale=3.0, offset=2.0)
+    dy = make(shape, dtype, rng)
+    r = make(shape, dtype, rng) if with_res else None
+    C, g, b = _fwd_args(x, axis, rng)
+    rm, rv = np.zeros(C), np.ones(C)
+    kw = dict(residual=r, activation="relu")
+    fast_y = FAST.forward_fast(x, g, b, 1e-3, axis, None, None, 0.1, None, 1, 0, NO_LIMIT,
+                               r, "relu")
+    fast_i = FAST.inference_fast(x, rm, rv, g, b, 1e-3, axis, None, 1, 0, NO_LIMIT, r,
+                                 "relu")
+    assert fast_y is not None and fast_i is not None
+    m, s = fast_y[1], fast_y[2]
+    fast_b = FAST.backward_fast(dy, x, m, s, g, axis, None, 1, 0, NO_LIMIT, b, r, "relu",
+                                None)
+    assert fast_b is not None and len(fast_b) == (4 if with_res else 3)
+    monkeypatch.setattr(_api, "_kernels_wide", _NoFastPath())
+    y = bncy.forward(x, g, b, eps=1e-3, axis=axis, n_threads=1, **kw)
+    yi = bncy.inference(x, rm, rv, g, b, eps=1e-3, axis=axis, n_threads=1, **kw)
+    back = bncy.backward(dy, x, m, s, g, axis=axis, n_threads=1, beta=b, **kw)
+    for a, b_ in zip((*fast_y, fast_i, *fast_b), (*y, yi, *back)):
+        assert a.dtype == b_.dtype and a.shape == b_.shape
+        assert_array_equal(a, b_)
+    if with_res:   # out may be the residual itself
+        over = r.copy()
+        assert FAST.forward_fast(x, g, b, 1e-3, axis, None, None, 0.1, over, 1, 0, NO_LIMIT,
+                                 over, "relu")[0] is over
+        assert_array_equal(over, y[0])
+
+
+def test_fused_fast_paths_decline_what_they_do_not_run(rng):
+    x = make((8, 4, 3), np.float32, rng)
+    r = make((8, 4, 3), np.float32, rng)
+    m, s = np.zeros(4), np.ones(4)
+    f = lambda res, act, out=None: FAST.forward_fast(x, None, None, 1e-5, 1, None, None, 0.1,
+                                                     out, 1, 0, NO_LIMIT, res, act)
+    bk = lambda res, act, rout=None: FAST.backward_fast(x, x, m, s, None, 1, None, 1, 0,
+                                                        NO_LIMIT, None, res, act, rout)
+    assert f(r, "relu") is not None and bk(r, "relu") is not None
+    for act in ("gelu", "RELU", 1, True):
+        assert f(None, act) is None and bk(None, act) is None
+    for res in (r.astype(np.float64), r[:, :, :2],
+                r.transpose(0, 2, 1).copy().transpose(0, 2, 1), list(r)):
+        assert f(res, "relu") is None and bk(res, "relu") is None
+    buf = np.empty(x.size + 1, np.float32)
+    assert f(r, None, out=buf[:-1].reshape(x.shape)) is not None
+    # out partly over the residual: the general path copies the residual first
+    assert f(buf[1:].reshape(x.shape), "relu", out=buf[:-1].reshape(x.shape)) is None
+    assert bk(r, None) is None                      # the residual's gradient is dy
+    assert bk(r, "relu", np.empty_like(x)) is None  # residual_out: the general path

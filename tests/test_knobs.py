@@ -180,3 +180,28 @@ def test_every_build_runs_with_the_knobs_in_force(knobs):
     kernel = {k: v for k, v in bncy.knobs().items() if k in _api._baseline.KNOB_NAMES}
     for build in _api._BUILDS:
         assert build.get_knobs() == kernel
+
+
+def test_describe_names_the_fused_loops():
+    """The fused call keeps the plain schedules and says which loops it fuses; its
+    masked backward loops have no prefetching twins (rows), so describe() does
+    not report one."""
+    shape = (65536, 512)
+    plain = bncy.describe(shape, np.float32)
+    fused = bncy.describe(shape, np.float32, activation="relu", residual=True)
+    assert set(plain) <= set(fused) and plain["fused"] == {"activation": None,
+                                                           "residual": False}
+    assert fused["fused"] == {"activation": "relu", "residual": True}
+    assert all("fused" not in d for d in plain["jobs"].values())
+    assert fused["jobs"]["statistics"] == plain["jobs"]["statistics"]
+    assert fused["jobs"]["normalize"]["fused"] == "residual + relu"
+    assert fused["jobs"]["grad_input"]["fused"] == "relu mask, residual gradient"
+    for job in plain["jobs"]:
+        assert fused["jobs"][job]["schedule"] == plain["jobs"][job]["schedule"]
+    for job in ("grad_sums", "grad_input"):
+        assert not fused["jobs"][job]["variant"].startswith("prefetch")
+    res_only = bncy.describe(shape, np.float32, residual=True)["jobs"]
+    assert res_only["normalize"]["fused"] == "residual"
+    assert "fused" not in res_only["grad_sums"] and "fused" not in res_only["grad_input"]
+    with pytest.raises(ValueError, match="activation"):
+        bncy.describe(shape, np.float32, activation="gelu")

@@ -2,6 +2,8 @@
 
 A refactor keeps the bits: run this on the old and the new build and diff the
 output (one line per case, dtype, layout and thread count).
+--fused adds the fused calls (ReLU, with and without a residual); --no-large
+leaves the large shapes out.
 
     PYTHONPATH=OLD python tools/hash_outputs.py > old.txt
     PYTHONPATH=NEW python tools/hash_outputs.py > new.txt && diff old.txt new.txt
@@ -72,7 +74,20 @@ def run(shape, axis, dtype, nt, layout):
     bn.eval()
     yl = bn(x)
     out.append(digest(yl, bn.backward(dy), bn.dgamma, bn.dbeta))
+    if FUSED:
+        r = rng.standard_normal(shape).astype(dtype)
+        for res in (None, r):
+            yf, mf, sf = bncy.forward(x, gamma, beta, axis=axis, residual=res,
+                                      activation="relu", n_threads=nt)
+            g = bncy.backward(dy, x, mf, sf, gamma, axis=axis, beta=beta, residual=res,
+                              activation="relu", n_threads=nt)
+            yi = bncy.inference(x, rm, rv, gamma, beta, axis=axis, residual=res,
+                                activation="relu", n_threads=nt)
+            out.append(digest(yf, *g, yi))
     return " ".join(out)
+
+
+FUSED = "--fused" in sys.argv
 
 
 def main():

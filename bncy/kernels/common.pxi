@@ -225,6 +225,45 @@ cdef extern from *:
     void bncy_prefetch_w(const void* p) noexcept nogil
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* g where keep, else +0.0 (not g * keep: a NaN or inf gradient behind a
+       closed ReLU gives 0, as PyTorch's threshold_backward does). A bit mask,
+       not keep ? g : 0.0: gcc (-ftrapping-math, the default) sinks the
+       float-to-double conversion of g into that branch, and will not
+       speculate it, so the loop stays scalar and branchy. */
+    static inline double bncy_select(int keep, double g) {
+        uint64_t u;
+        memcpy(&u, &g, sizeof u);
+        u &= (uint64_t) 0 - (uint64_t) (keep != 0);
+        memcpy(&g, &u, sizeof g);
+        return g;
+    }
+    """
+    double bncy_select(bint keep, double g) noexcept nogil
+
+
+cdef inline double _masked(bint keep, floating g) noexcept nogil:
+    # g where keep, else +0.0: bncy_select's bit mask for float32, where the
+    # conversion to float64 would sit in the branch; a select for float64, which
+    # has none (gcc left the float64 residual loops scalar with the bit mask).
+    if floating is float:
+        return bncy_select(keep, g)
+    return g if keep else 0.0
+
+
+cdef inline double _rounds_above_zero(floating v) noexcept nogil:
+    # The float64 values w for which <floating> w > 0 are those w > this (round to
+    # nearest even: 2**-150, half float32's least subnormal, rounds to 0), so the
+    # ReLU mask is a float64 compare, without rounding to float32 first (v only
+    # picks the type).
+    if floating is float:
+        return 7.0064923216240854e-46   # 2**-150
+    return 0.0
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 

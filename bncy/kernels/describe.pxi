@@ -4,18 +4,20 @@
 # ---------------------------------------------------------------------------
 
 cdef dict _rows_reduction(Py_ssize_t N, Py_ssize_t K, Py_ssize_t isz, int n_threads,
-                          bint gsums):
+                          bint gsums, bint masked):
+    # masked: the ReLU-masked backward sums, which have no prefetching twin
     cdef Py_ssize_t TW = _red_tile(N, K, n_threads)
-    cdef bint ahead = (_gsum_rows_ahead(N, K, TW, isz) if gsums
-                       else _mom_rows_ahead(N, K, TW, isz))
+    cdef bint ahead = (_gsum_rows_ahead(N, K, TW, isz) and not masked
+                       if gsums else _mom_rows_ahead(N, K, TW, isz))
     return {"tile": TW, "variant": "prefetch" if ahead else "plain",
             "knobs": ["beyond_l2", "pf_bytes"] if gsums
             else ["mom_min_bytes", "mom_max_row", "mom_pf_bytes"]}
 
 
 cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
-                     int n_threads, bint gsums):
-    # The schedule of _moments (gsums False) or _grad_sums (True).
+                     int n_threads, bint gsums, bint masked=False):
+    # The schedule of _moments (gsums False) or _grad_sums (True; masked: through
+    # ReLU, _grad_sums_fused).
     cdef Py_ssize_t limit, R
     cdef dict d
     if gsums:
@@ -32,20 +34,22 @@ cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
                             else "plain")}
     R = _flat_rows(N, C * S, FLAT_RED)
     if R > 1:
-        d = _rows_reduction(N // R, C * S * R, isz, n_threads, gsums)
+        d = _rows_reduction(N // R, C * S * R, isz, n_threads, gsums, masked)
         d["schedule"] = "rows narrow"
         d["rows_at_a_time"] = R
         return d
-    d = _rows_reduction(N, C * S, isz, n_threads, gsums)
+    d = _rows_reduction(N, C * S, isz, n_threads, gsums, masked)
     d["schedule"] = "rows"
     return d
 
 
 cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
-                       int n_threads, bint grad):
-    # The schedule of _affine (grad False) or _grad_input (True).
+                       int n_threads, bint grad, bint masked=False):
+    # The schedule of _affine (grad False) or _grad_input (True; masked: through
+    # ReLU, _grad_input_fused, whose rows loops have no prefetching twin and
+    # read a sixth coefficient vector).
     cdef Py_ssize_t K = C * S, R, NR, KR, TW, pt
-    cdef Py_ssize_t nvec = 5 if grad else 3
+    cdef Py_ssize_t nvec = (6 if masked else 5) if grad else 3
     if not _ew_on_rows(S):
         if grad and _gi_planes_ahead(N * C * S * isz, isz, n_threads):
             return {"schedule": "planes", "variant": "prefetch",
@@ -59,7 +63,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     d = {"schedule": "rows narrow" if R > 1 else "rows", "rows_at_a_time": R,
          "tile": TW, "knobs": ["ew_rows_max_run", "flat_row_grad" if grad else "flat_row",
                                "coef_l1"]}
-    pt = _gi_rows_tile(NR, KR, TW, isz) if grad else 0
+    pt = _gi_rows_tile(NR, KR, TW, isz) if grad and not masked else 0
     if grad:
         d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]
     if pt == KR:
@@ -74,9 +78,19 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
 
 
 def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize,
-                   int n_threads):
-    """{job: {schedule, variant, ...}} for an (N, C, S) array of itemsize bytes."""
-    return {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
-            "normalize": _elementwise(N, C, S, itemsize, n_threads, False),
-            "grad_sums": _reduction(N, C, S, itemsize, n_threads, True),
-            "grad_input": _elementwise(N, C, S, itemsize, n_threads, True)}
+                   int n_threads, bint relu=False, bint res=False):
+    """{job: {schedule, variant, ...}} for an (N, C, S) array of itemsize bytes;
+    relu, res: a fused call (activation="relu", a residual). The fused loops
+    take the plain ones' schedules; each fused job says its loops in "fused"."""
+    cdef dict d = {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
+                   "normalize": _elementwise(N, C, S, itemsize, n_threads, False),
+                   "grad_sums": _reduction(N, C, S, itemsize, n_threads, True, relu),
+                   "grad_input": _elementwise(N, C, S, itemsize, n_threads, True, relu)}
+    if relu or res:
+        d["normalize"]["fused"] = ("residual + relu" if relu and res
+                                   else "relu" if relu else "residual")
+    if relu:    # without ReLU the backward is the plain one (the add's gradient is dy)
+        d["grad_sums"]["fused"] = "relu mask"
+        d["grad_input"]["fused"] = ("relu mask, residual gradient" if res
+                                    else "relu mask")
+    return d

@@ -2,7 +2,8 @@
 # Fast paths: bncy.forward, inference and backward for the plain call
 # ---------------------------------------------------------------------------
 # A small call spent more time in bncy._api's Python checks and allocations
-# (4-5 us) than in the kernels. These take the public arguments as given and run
+# (4-5 us) than in the kernels. These take the public arguments as given (the
+# fused ones too: activation None or "relu", a residual plain like x) and run
 # only when each one is the plain case: exact ndarrays of native float32/float64,
 # C-contiguous and aligned; vectors of shape (C,); a float eps >= 0 and a float
 # momentum in [0, 1]; running statistics both given and writeable, or neither;
@@ -146,6 +147,28 @@ cdef cnp.ndarray _out_or_new(object out, object x, int t):
     return new_array(cnp.PyArray_NDIM(<cnp.ndarray> x), cnp.PyArray_DIMS(<cnp.ndarray> x), t)
 
 
+cdef int _fast_relu(object activation) noexcept:
+    # 1 for the exact str "relu", 0 for None, -1 for anything else (the general
+    # path checks it).
+    if activation is None:
+        return 0
+    if type(activation) is str and activation == "relu":
+        return 1
+    return -1
+
+
+cdef int _fast_residual(object residual, object x, object out, int t) noexcept:
+    # 0 without a residual or for a plain one of x's shape and dtype t that out
+    # (when given) does not partly overlap; -1 for anything else.
+    if residual is None:
+        return 0
+    if _plain_type(residual) != t or not _same_shape(residual, x):
+        return -1
+    if out is not None and _plain_out(out, residual, t) == NULL:
+        return -1
+    return 0
+
+
 cdef Running _plain_running(object r, int t) noexcept:
     # A running statistic _plain_vector accepted, contiguous, of type t.
     cdef Running out
@@ -156,12 +179,15 @@ cdef Running _plain_running(object r, int t) noexcept:
 
 
 def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum, out,
-                 n_threads, Py_ssize_t small_work, Py_ssize_t f64_limit):
+                 n_threads, Py_ssize_t small_work, Py_ssize_t f64_limit, residual=None,
+                 activation=None):
     """bncy.forward(x, gamma, beta, eps=eps, axis=axis, running_mean=..., running_var=...,
-    momentum=..., out=..., n_threads=...) for a plain call (see Fast paths):
-    (y, mean, invstd); None, with nothing written, for any other call or a float64 x
-    beyond f64_limit bytes."""
+    momentum=..., out=..., n_threads=..., residual=..., activation=...) for a plain
+    call (see Fast paths; a residual plain like x): (y, mean, invstd); None, with
+    nothing written, for any other call or a float64 x beyond f64_limit bytes."""
     cdef int t = _plain_type(x), trm = -1, trv = -1, nt, rc, suspicious = 0
+    cdef int relu = _fast_relu(activation)
+    cdef void* pres = NULL
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size
     cdef double e, mom = 0.0
@@ -179,7 +205,7 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     size = N * C * S
     if C < 1 or N * S < 2 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
         return None
-    if _fast_eps(eps, &e) < 0:
+    if _fast_eps(eps, &e) < 0 or relu < 0 or _fast_residual(residual, x, out, t) < 0:
         return None
     if running_mean is not None or running_var is not None:
         trm = _plain_vector(running_mean, C)
@@ -208,6 +234,8 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, cnp.NPY_FLOAT64, 0)
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
+    if residual is not None:
+        pres = cnp.PyArray_DATA(<cnp.ndarray> residual)
     pmean = <double*> cnp.PyArray_DATA(mean)
     pinvstd = <double*> cnp.PyArray_DATA(invstd)
     # gamma, shift, m2, var, scale (nothing from here on raises: work is freed)
@@ -223,11 +251,15 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
         _copy_f64(beta, C, work + C)
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _forward_core(<const float*> px, N, C, S, gam, work + C, e, <float*> py,
+            rc = _forward_core(<const float*> px, <const float*> pres, relu, N, C, S, gam,
+                               work + C, e,
+                               <float*> py,
                                pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
                                rm, rv, mom, nt, &suspicious)
         else:
-            rc = _forward_core(<const double*> px, N, C, S, gam, work + C, e, <double*> py,
+            rc = _forward_core(<const double*> px, <const double*> pres, relu, N, C, S, gam,
+                               work + C, e,
+                               <double*> py,
                                pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
                                rm, rv, mom, nt, &suspicious)
     free(work)
@@ -237,11 +269,19 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
 
 
 def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
-                  Py_ssize_t small_work, Py_ssize_t f64_limit):
-    """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, out=..., n_threads=...) for
-    a plain call (see Fast paths): (dx, dgamma, dbeta); None, with nothing written,
-    for any other call or a float64 x beyond f64_limit bytes."""
+                  Py_ssize_t small_work, Py_ssize_t f64_limit, beta=None, residual=None,
+                  activation=None, residual_out=None):
+    """bncy.backward(dy, x, mean, invstd, gamma, axis=axis, out=..., n_threads=...,
+    beta=..., residual=..., activation=...) for a plain call (see Fast paths; a
+    residual only through ReLU, plain like x, and no residual_out): (dx, dgamma,
+    dbeta[, dresidual]); None, with nothing written, for any other call or a float64
+    x beyond f64_limit bytes."""
     cdef int t = _plain_type(x), nt, rc
+    cdef int relu = _fast_relu(activation)
+    cdef void* pres = NULL
+    cdef void* pdres = NULL
+    cdef double* shift = NULL
+    cdef cnp.ndarray dres = None
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size, c
     cdef double* work
@@ -260,23 +300,30 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
         return None
     nt = _fast_threads(n_threads, size, small_work)
-    if nt == 0:
+    if nt == 0 or relu < 0 or residual_out is not None:
         return None
+    if residual is not None and (relu == 0 or _fast_residual(residual, x, out, t) < 0):
+        return None   # without ReLU the residual's gradient is dy: the general path
     if out is not None and (_plain_out(out, x, t) == NULL   # may be x or dy itself,
                             or _plain_out(out, dy, t) == NULL):  # never a partial overlap
         return None
     if (_plain_vector(mean, C) < 0 or _plain_vector(invstd, C) < 0
-            or (gamma is not None and _plain_vector(gamma, C) < 0)):
+            or (gamma is not None and _plain_vector(gamma, C) < 0)
+            or (beta is not None and _plain_vector(beta, C) < 0)):
         return None
     dx = _out_or_new(out, x, t)
+    if residual is not None:
+        dres = _out_or_new(None, x, t)
+        pres = cnp.PyArray_DATA(<cnp.ndarray> residual)
+        pdres = cnp.PyArray_DATA(dres)
     pdx = cnp.PyArray_DATA(dx)
     dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
     pdg, pdb = cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
-    # mean, invstd, gamma, sdy, dgamma, 4 * C of _backward_core's work (nothing from
-    # here on raises: work is freed)
-    work = <double*> malloc(9 * C * sizeof(double))
+    # mean, invstd, gamma, sdy, dgamma, 5 * C of _backward_core's work, shift (beta
+    # for the mask) (nothing from here on raises: work is freed)
+    work = <double*> malloc(11 * C * sizeof(double))
     if work == NULL:
         return None
     _copy_f64(mean, C, work)
@@ -284,32 +331,44 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     if gamma is not None:
         _copy_f64(gamma, C, work + 2 * C)
         gam = work + 2 * C
+    if relu:
+        shift = work + 10 * C
+        if beta is None:
+            memset(shift, 0, C * sizeof(double))
+        else:
+            _copy_f64(beta, C, shift)
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _backward_core(<const float*> pdy, <const float*> px, N, C, S, work,
-                                work + C, gam, <float*> pdx, work + 3 * C, work + 4 * C,
-                                work + 5 * C, nt)
+            rc = _backward_core(<const float*> pdy, <const float*> px, <const float*> pres,
+                                relu, N, C, S, work, work + C, gam, shift, <float*> pdx,
+                                <float*> pdres, work + 3 * C, work + 4 * C, work + 5 * C, nt)
             for c in range(C):
                 (<float*> pdg)[c] = <float> work[4 * C + c]
                 (<float*> pdb)[c] = <float> work[3 * C + c]
         else:
-            rc = _backward_core(<const double*> pdy, <const double*> px, N, C, S, work,
-                                work + C, gam, <double*> pdx, work + 3 * C, work + 4 * C,
-                                work + 5 * C, nt)
+            rc = _backward_core(<const double*> pdy, <const double*> px, <const double*> pres,
+                                relu, N, C, S, work, work + C, gam, shift, <double*> pdx,
+                                <double*> pdres, work + 3 * C, work + 4 * C, work + 5 * C, nt)
             memcpy(pdg, work + 4 * C, C * sizeof(double))
             memcpy(pdb, work + 3 * C, C * sizeof(double))
     free(work)
     if rc != 0:
         return None   # the general path allocates again, and raises
+    if residual is not None:
+        return dx, dgamma, dbeta, dres
     return dx, dgamma, dbeta
 
 
 def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_threads,
-                   Py_ssize_t small_work, Py_ssize_t f64_limit):
+                   Py_ssize_t small_work, Py_ssize_t f64_limit, residual=None,
+                   activation=None):
     """bncy.inference(x, running_mean, running_var, gamma, beta, eps=eps, axis=axis,
-    out=..., n_threads=...) for a plain call (see Fast paths): y; None, with nothing
-    written, for any other call or a float64 x beyond f64_limit bytes."""
+    out=..., n_threads=..., residual=..., activation=...) for a plain call (see Fast
+    paths): y; None, with nothing written, for any other call or a float64 x beyond
+    f64_limit bytes."""
     cdef int t = _plain_type(x), nt, rc
+    cdef int relu = _fast_relu(activation)
+    cdef void* pres = NULL
     cdef Py_ssize_t ncs[3]
     cdef Py_ssize_t N, C, S, size
     cdef double e
@@ -325,7 +384,7 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     size = N * C * S
     if C < 1 or size < 1 or (t == cnp.NPY_FLOAT64 and 8 * size > f64_limit):
         return None
-    if _fast_eps(eps, &e) < 0:
+    if _fast_eps(eps, &e) < 0 or relu < 0 or _fast_residual(residual, x, out, t) < 0:
         return None
     nt = _fast_threads(n_threads, size, small_work)
     if nt == 0:
@@ -339,6 +398,8 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
     y = _out_or_new(out, x, t)
     py = cnp.PyArray_DATA(y)
     px = cnp.PyArray_DATA(<cnp.ndarray> x)
+    if residual is not None:
+        pres = cnp.PyArray_DATA(<cnp.ndarray> residual)
     # running_mean, running_var, gamma, beta, 2 * C of _inference_core's work
     # (nothing from here on raises: work is freed)
     work = <double*> malloc(6 * C * sizeof(double))
@@ -354,10 +415,14 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
         bet = work + 3 * C
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            rc = _inference_core(<const float*> px, N, C, S, work, work + C, gam, bet, e,
+            rc = _inference_core(<const float*> px, <const float*> pres, relu, N, C, S, work,
+                                 work + C, gam,
+                                 bet, e,
                                  <float*> py, work + 4 * C, nt)
         else:
-            rc = _inference_core(<const double*> px, N, C, S, work, work + C, gam, bet, e,
+            rc = _inference_core(<const double*> px, <const double*> pres, relu, N, C, S,
+                                 work, work + C, gam,
+                                 bet, e,
                                  <double*> py, work + 4 * C, nt)
     free(work)
     if rc != 0:

@@ -59,26 +59,26 @@ cdef void _ema(Running r, const double* v, Py_ssize_t C, double momentum,
             d[0] = (1.0 - momentum) * d[0] + momentum * (factor * v[c])
 
 
-cdef int _finish_train(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                       const double* mean, const double* m2, const double* scale,
+cdef int _finish_train(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+                       Py_ssize_t C, Py_ssize_t S, const double* mean, const double* m2, const double* scale,
                        const double* shift, double count, floating* y_out,
                        Running rm, Running rv, double momentum,
                        int n_threads) noexcept nogil:
-    # The affine pass with (mean, scale, shift) (none when x is empty), then the
-    # running statistics with the batch mean and the unbiased variance
+    # The affine pass with (mean, scale, shift), the residual res (NULL: none)
+    # and ReLU when relu (none when x is empty), then the running statistics with the batch mean and the unbiased variance
     # m2 / (count - 1). Returns 0, or -1 when a work buffer could not be had
     # (nothing written then).
     cdef int rc = 0
     if N * C * S > 0:
-        rc = _affine(x, mean, scale, shift, N, C, S, y_out, n_threads)
+        rc = _affine_fused(x, res, relu, mean, scale, shift, N, C, S, y_out, n_threads)
     if rc == 0 and rm.data != NULL:
         _ema(rm, mean, C, momentum, 1.0)
         _ema(rv, m2, C, momentum, 1.0 / (count - 1.0))
     return rc
 
 
-cdef int _apply_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                     double count, const double* mean, const double* m2,
+cdef int _apply_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+                     Py_ssize_t C, Py_ssize_t S, double count, const double* mean, const double* m2,
                      const double* gamma, const double* shift, double eps,
                      floating* y_out, double* var_out, double* invstd_out,
                      double* scale_out, Running rm, Running rv, double momentum,
@@ -91,12 +91,12 @@ cdef int _apply_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
                                         invstd_out, scale_out)
     if rescue and suspicious[0] != 0:
         return 0
-    return _finish_train(x, N, C, S, mean, m2, scale_out, shift, count, y_out, rm, rv,
-                         momentum, n_threads)
+    return _finish_train(x, res, relu, N, C, S, mean, m2, scale_out, shift, count, y_out,
+                         rm, rv, momentum, n_threads)
 
 
-cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                       const double* gamma, const double* shift, double eps,
+cdef int _forward_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+                       Py_ssize_t C, Py_ssize_t S, const double* gamma, const double* shift, double eps,
                        floating* y_out, double* mean_out, double* m2_out, double* var_out,
                        double* invstd_out, double* scale_out, Running rm, Running rv,
                        double momentum, int n_threads, int* suspicious) noexcept nogil:
@@ -105,7 +105,7 @@ cdef int _forward_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     suspicious[0] = 0
     if rc != 0:
         return rc
-    return _apply_core(x, N, C, S, <double> (N * S), mean_out, m2_out, gamma, shift, eps,
+    return _apply_core(x, res, relu, N, C, S, <double> (N * S), mean_out, m2_out, gamma, shift, eps,
                        y_out, var_out, invstd_out, scale_out, rm, rv, momentum, True,
                        n_threads, suspicious)
 
@@ -136,28 +136,31 @@ cdef void _backward_coefficients(const double* sdy, const double* sdyx,
             k_out[c] = 0.0
 
 
-cdef int _grad_apply_core(const floating* dy, const floating* x, Py_ssize_t N,
-                          Py_ssize_t C, Py_ssize_t S, const double* mean,
-                          const double* invstd, const double* gamma, const double* sdy,
-                          const double* sdyx, double count, bint batch_stats,
-                          floating* dx_out, double* dgamma_out, double* work,
+cdef int _grad_apply_core(const floating* dy, const floating* x, const floating* res,
+                          bint relu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          const double* mean, const double* invstd, const double* gamma,
+                          const double* shift, const double* sdy, const double* sdyx,
+                          double count, bint batch_stats, floating* dx_out,
+                          floating* dres_out, double* dgamma_out, double* work,
                           int n_threads) noexcept nogil:
     # Coefficients from the (merged) sums, then grad_input (none when x is
-    # empty); work holds 3 * C doubles. Returns 0, or -1 when a work buffer
-    # could not be had.
+    # empty), through ReLU when relu (mask from x, the coefficients, shift and
+    # res; with res, its gradient to dres_out); work holds 3 * C doubles.
+    # Returns 0, or -1 when a work buffer could not be had.
     _backward_coefficients(sdy, sdyx, invstd, gamma, C, count, batch_stats, work,
                            work + C, work + 2 * C, dgamma_out)
     if N * C * S == 0:
         return 0
-    return _grad_input(dy, x, mean, invstd, work, work + C, work + 2 * C, N, C, S,
-                       dx_out, n_threads)
+    return _grad_input_fused(dy, x, res, relu, mean, invstd, work, work + C, work + 2 * C,
+                             shift, N, C, S, dx_out, dres_out, n_threads)
 
 
-cdef int _inference_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                         const double* running_mean, const double* running_var,
+cdef int _inference_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+                         Py_ssize_t C, Py_ssize_t S, const double* running_mean, const double* running_var,
                          const double* gamma, const double* beta, double eps,
                          floating* y_out, double* work, int n_threads) noexcept nogil:
-    # scale = gamma / sqrt(running_var + eps), then the affine pass; work holds
+    # scale = gamma / sqrt(running_var + eps), then the affine pass (with res
+    # and relu as in _finish_train); work holds
     # 2 * C doubles. Returns 0, or -1 when a work buffer could not be had.
     cdef Py_ssize_t c
     for c in range(C):
@@ -165,7 +168,8 @@ cdef int _inference_core(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
         if gamma != NULL:
             work[c] = work[c] * gamma[c]
         work[C + c] = beta[c] if beta != NULL else 0.0
-    return _affine(x, running_mean, work, work + C, N, C, S, y_out, n_threads)
+    return _affine_fused(x, res, relu, running_mean, work, work + C, N, C, S, y_out,
+                         n_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -193,6 +197,8 @@ cdef inline const double* _opt(const double[::1] v):
 
 
 def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
+                const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+                bint relu,                     # IN ReLU after the residual
                 double count,                  # IN values per channel, whole batch
                 const double[::1] mean,        # IN (C,) batch mean
                 const double[::1] m2,          # IN (C,) its M2
@@ -213,7 +219,9 @@ def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
     cdef const double* gam = _opt(gamma)
     cdef bint some = x.shape[0] * x.shape[2] > 0
     with nogil:
-        rc = _apply_core(&x[0, 0, 0] if some else NULL, x.shape[0], mean.shape[0],
+        rc = _apply_core(&x[0, 0, 0] if some else NULL,
+                         &res[0, 0, 0] if some and res is not None else NULL, relu,
+                         x.shape[0], mean.shape[0],
                          x.shape[2], count, &mean[0], &m2[0], gam, &shift[0], eps,
                          &y_out[0, 0, 0] if some else NULL,
                          &var_out[0], &invstd_out[0], &scale_out[0], rm, rv, momentum,
@@ -223,7 +231,8 @@ def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
     return suspicious
 
 
-def finish_train(const floating[:, :, ::1] x, double count, const double[::1] mean,
+def finish_train(const floating[:, :, ::1] x, const floating[:, :, ::1] res, bint relu,
+                 double count, const double[::1] mean,
                  const double[::1] m2, const double[::1] scale, const double[::1] shift,
                  floating[:, :, ::1] y_out, running_mean, running_var, double momentum,
                  int n_threads):
@@ -231,7 +240,8 @@ def finish_train(const floating[:, :, ::1] x, double count, const double[::1] me
     cdef int rc
     cdef Running rm = _running(running_mean), rv = _running(running_var)
     with nogil:
-        rc = _finish_train(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0],
+        rc = _finish_train(&x[0, 0, 0], &res[0, 0, 0] if res is not None else NULL, relu,
+                           x.shape[0], x.shape[1], x.shape[2], &mean[0],
                            &m2[0], &scale[0], &shift[0], count, &y_out[0, 0, 0], rm, rv,
                            momentum, n_threads)
     if rc != 0:
@@ -239,6 +249,8 @@ def finish_train(const floating[:, :, ::1] x, double count, const double[::1] me
 
 
 def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
+                  const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+                  bint relu,                     # IN ReLU after the residual
                   const double[::1] gamma,       # IN (C,) or None (ones)
                   const double[::1] shift,       # IN (C,) beta, or zeros
                   double eps,
@@ -256,7 +268,8 @@ def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
     cdef Running rm = _running(running_mean), rv = _running(running_var)
     cdef const double* gam = _opt(gamma)
     with nogil:
-        rc = _forward_core(&x[0, 0, 0], N, C, S, gam, &shift[0], eps, &y_out[0, 0, 0],
+        rc = _forward_core(&x[0, 0, 0], &res[0, 0, 0] if res is not None else NULL, relu,
+                           N, C, S, gam, &shift[0], eps, &y_out[0, 0, 0],
                            &mean_out[0], &m2_out[0], &var_out[0], &invstd_out[0],
                            &scale_out[0], rm, rv, momentum, n_threads, &suspicious)
     if rc != 0:
@@ -266,16 +279,21 @@ def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
 
 def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
                const floating[:, :, ::1] x,    # IN (N, C, S)
+               const floating[:, :, ::1] res,  # IN (N, C, S) residual, or None
+               bint relu,                      # IN through ReLU
                const double[::1] mean,         # IN (C,)
                const double[::1] invstd,       # IN (C,)
                const double[::1] gamma,        # IN (C,) or None (ones)
+               const double[::1] shift,        # IN (C,) beta (for the mask)
                const double[::1] sdy,          # IN (C,) sum of dy, whole batch
                const double[::1] sdyx,         # IN (C,) sum of dy * (x - mean)
                double count, bint batch_stats,
                floating[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
+               floating[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
                double[::1] dgamma_out,         # OUT (C,)
                int n_threads):
-    """_grad_apply_core: the coefficients from the (merged) sums, then dx."""
+    """_grad_apply_core: the coefficients from the (merged) sums, then dx (and
+    the residual's gradient)."""
     cdef Py_ssize_t N = x.shape[0], C = mean.shape[0], S = x.shape[2]
     cdef bint some = N * S > 0
     cdef int rc
@@ -285,8 +303,11 @@ def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
         raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
         rc = _grad_apply_core(&dy[0, 0, 0] if some else NULL, &x[0, 0, 0] if some else NULL,
-                              N, C, S, &mean[0], &invstd[0], gam, &sdy[0], &sdyx[0],
-                              count, batch_stats, &dx_out[0, 0, 0] if some else NULL,
+                              &res[0, 0, 0] if some and res is not None else NULL, relu,
+                              N, C, S, &mean[0], &invstd[0], gam, &shift[0], &sdy[0],
+                              &sdyx[0], count, batch_stats,
+                              &dx_out[0, 0, 0] if some else NULL,
+                              &dres_out[0, 0, 0] if some and res is not None else NULL,
                               &dgamma_out[0], work, n_threads)
     free(work)
     if rc != 0:
@@ -295,10 +316,14 @@ def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
 
 def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
                    const floating[:, :, ::1] x,    # IN (N, C, S)
+                   const floating[:, :, ::1] res,  # IN (N, C, S) residual, or None
+                   bint relu,                      # IN through ReLU
                    const double[::1] mean,         # IN (C,)
                    const double[::1] invstd,       # IN (C,)
                    const double[::1] gamma,        # IN (C,) or None (ones)
+                   const double[::1] shift,        # IN (C,) beta (for the mask)
                    floating[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
+                   floating[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
                    double[::1] sdy_out,            # OUT (C,) sum of dy (= dbeta)
                    double[::1] dgamma_out,         # OUT (C,)
                    int n_threads):
@@ -306,31 +331,51 @@ def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef int rc
     cdef const double* gam = _opt(gamma)
-    cdef double* work = <double*> malloc(4 * C * sizeof(double))
+    cdef double* work = <double*> malloc(5 * C * sizeof(double))
     if work == NULL:
         raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
-        rc = _backward_core(&dy[0, 0, 0], &x[0, 0, 0], N, C, S, &mean[0], &invstd[0],
-                            gam, &dx_out[0, 0, 0], &sdy_out[0], &dgamma_out[0],
-                            work, n_threads)
+        rc = _backward_core(&dy[0, 0, 0], &x[0, 0, 0],
+                            &res[0, 0, 0] if res is not None else NULL, relu, N, C, S,
+                            &mean[0], &invstd[0], gam, &shift[0], &dx_out[0, 0, 0],
+                            &dres_out[0, 0, 0] if res is not None else NULL,
+                            &sdy_out[0], &dgamma_out[0], work, n_threads)
     free(work)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the partial sums")
 
 
-cdef int _backward_core(const floating* dy, const floating* x, Py_ssize_t N, Py_ssize_t C,
-                        Py_ssize_t S, const double* mean, const double* invstd,
-                        const double* gamma, floating* dx_out, double* sdy_out,
-                        double* dgamma_out, double* work, int n_threads) noexcept nogil:
-    # grad_sums, then _grad_apply_core; work holds 4 * C doubles.
-    cdef int rc = _grad_sums(dy, x, mean, N, C, S, sdy_out, work, n_threads)
+cdef void _forward_scale(const double* invstd, const double* gamma, Py_ssize_t C,
+                         double* scale_out) noexcept nogil:
+    # gamma * invstd as the forward computed it (_train_coefficients), for the
+    # ReLU mask.
+    cdef Py_ssize_t c
+    for c in range(C):
+        scale_out[c] = invstd[c] * gamma[c] if gamma != NULL else invstd[c]
+
+
+cdef int _backward_core(const floating* dy, const floating* x, const floating* res,
+                        bint relu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                        const double* mean, const double* invstd, const double* gamma,
+                        const double* shift, floating* dx_out, floating* dres_out,
+                        double* sdy_out, double* dgamma_out, double* work,
+                        int n_threads) noexcept nogil:
+    # grad_sums (masked when relu), then _grad_apply_core; work holds 5 * C
+    # doubles.
+    cdef int rc
+    _forward_scale(invstd, gamma, C, work + 4 * C)
+    rc = _grad_sums_fused(dy, x, res, relu, mean, work + 4 * C, shift, N, C, S, sdy_out,
+                          work, n_threads)
     if rc != 0:
         return rc
-    return _grad_apply_core(dy, x, N, C, S, mean, invstd, gamma, sdy_out, work,
-                            <double> (N * S), True, dx_out, dgamma_out, work + C, n_threads)
+    return _grad_apply_core(dy, x, res, relu, N, C, S, mean, invstd, gamma, shift, sdy_out,
+                            work, <double> (N * S), True, dx_out, dres_out, dgamma_out,
+                            work + C, n_threads)
 
 
 def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
+                    const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+                    bint relu,                     # IN ReLU after the residual
                     const double[::1] running_mean, const double[::1] running_var,
                     const double[::1] gamma,        # IN (C,) or None (ones)
                     const double[::1] beta,         # IN (C,) or None (zeros)
@@ -346,7 +391,8 @@ def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
     if work == NULL:
         raise MemoryError("bncy: could not allocate the per-channel coefficients")
     with nogil:
-        rc = _inference_core(&x[0, 0, 0], N, C, S, &running_mean[0], &running_var[0],
+        rc = _inference_core(&x[0, 0, 0], &res[0, 0, 0] if res is not None else NULL,
+                             relu, N, C, S, &running_mean[0], &running_var[0],
                              gam, bet, eps, &y_out[0, 0, 0], work,
                              n_threads)
     free(work)
