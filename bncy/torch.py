@@ -1,0 +1,868 @@
+"""bncy for PyTorch: a deterministic CPU batch norm op, drop-in modules, and
+synchronized batch norm over ``torch.distributed`` on the CPU.
+
+Importable only when PyTorch is installed (``pip install 'bncy[torch]'``, which
+pins ``torch==2.13.0``).
+
+* :func:`batch_norm` has ``torch.nn.functional.batch_norm``'s signature and
+  semantics. In eager mode it calls bncy directly on NumPy views of the tensors'
+  memory (no copy for contiguous or channels_last inputs) under a
+  ``torch.autograd.Function``; under ``torch.compile`` and other tracing it
+  goes through three ``torch.library`` custom ops (below), so the graph has no
+  break inside it.
+* :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` subclass
+  torch's modules and only replace ``forward``: same constructor, attributes
+  and ``state_dict``. :func:`convert` swaps them into a model in place.
+* :class:`SyncBatchNorm` and :func:`convert_sync_batchnorm` synchronize the
+  training statistics over a ``torch.distributed`` process group (gloo, or any
+  backend with ``all_gather`` of CPU tensors), with bncy's split-phase API.
+
+Custom ops (namespace ``bncy``): ``torch.library`` refuses an autograd formula
+for an op that mutates its arguments, so the op is split in two:
+
+* ``bncy::batch_norm(input, running_mean?, running_var?, weight?, bias?,
+  training, eps) -> (y, mean, invstd, m2)``, functional, with
+  ``register_autograd`` whose backward is ``bncy::batch_norm_backward`` (bncy's
+  closed form, :func:`bncy.backward`); mean, invstd and m2 are float64 (C,).
+* ``bncy::update_running_stats(running_mean!, running_var!, mean, m2, count,
+  momentum)``, which declares the running statistics as mutated arguments.
+
+Results are bitwise identical for every ``torch.set_num_threads`` and between
+the eager and the compiled paths.
+"""
+
+try:
+    import torch
+except ImportError as exc:  # torch is an optional extra
+    raise ImportError(
+        "bncy.torch needs PyTorch: pip install 'bncy[torch]' (torch==2.13.0, CPU build)"
+    ) from exc
+
+import math
+import numbers
+
+import numpy as np
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import bncy
+
+__all__ = [
+    "batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert",
+    "SyncBatchNorm", "convert_sync_batchnorm",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.float16, torch.bfloat16)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+# ---------------------------------------------------------------------------
+# Validation: everything is checked before anything is written
+# ---------------------------------------------------------------------------
+
+def _not_tensor(t, name: str):
+    return TypeError(f"bncy.torch: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _not_dense_cpu(t, name: str):
+    """The TypeError for a tensor off the CPU or not strided, else None."""
+    if not t.is_cpu:
+        return TypeError(f"bncy.torch: {name} is on {t.device}; bncy runs on CPU tensors only")
+    if t.layout is not torch.strided:
+        return TypeError(f"bncy.torch: {name} has layout {t.layout}; only dense (strided) "
+                         "tensors are supported")
+    return None
+
+
+def _check_tensor(t, name: str) -> None:
+    """A dense CPU tensor of float32 or float64, else TypeError."""
+    if not isinstance(t, torch.Tensor):
+        raise _not_tensor(t, name)
+    if (exc := _not_dense_cpu(t, name)) is not None:
+        raise exc
+    if t.dtype not in _FLOATS:
+        if t.dtype in _HALVES:
+            raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}; half precision is not "
+                            "supported yet (use float32)")
+        raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}; supported dtypes are "
+                        "float32 and float64")
+
+
+def _check_vector(t, name: str, C: int, dtype) -> None:
+    """None, or a dense CPU tensor of shape (C,) and the input's dtype (checked)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise _not_tensor(t, name)
+    if t.dtype is not dtype:
+        raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}, expected the input's "
+                        f"dtype {dtype}")
+    if (exc := _not_dense_cpu(t, name)) is not None:
+        raise exc
+    if t.shape != (C,):
+        raise ValueError(f"bncy.torch: {name} must have shape ({C},), got {tuple(t.shape)}")
+
+
+def _check_real(value, name: str, lo: float, hi: float) -> float:
+    """A real number in [lo, hi]: TypeError for another kind, ValueError outside."""
+    if type(value) is not float and (isinstance(value, bool)
+                                     or not isinstance(value, numbers.Real)):
+        raise TypeError(f"bncy.torch: {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"bncy.torch: {name} must be finite and in [{lo:g}, {hi:g}], "
+                         f"got {value!r}")
+    return v
+
+
+def _check(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+           channels: int | None = None):
+    """Validate a batch_norm call; return the memory format of its results.
+
+    ``channels``: the number of channels the caller expects (a module's
+    ``num_features``), checked against ``input.shape[1]``.
+    """
+    _check_tensor(input, "input")
+    if input.dim() < 2:
+        raise ValueError(f"bncy.torch: expected at least 2D input (got {input.dim()}D input)")
+    C = input.shape[1]
+    if C == 0 or (channels is not None and C != channels):
+        want = "at least 1" if channels is None else str(channels)
+        raise ValueError(f"bncy.torch: expected {want} channels, got input of shape "
+                         f"{tuple(input.shape)}")
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        _check_vector(t, name, C, input.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bncy.torch: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("bncy.torch: running_mean and running_var are needed when "
+                         "training=False")
+    if training and running_mean is not None:
+        _check_real(momentum, "momentum", 0.0, 1.0)
+    if _check_real(eps, "eps", 0.0, math.inf) == 0.0 and training:
+        raise ValueError("bncy.torch: eps must be positive when training, as in torch, got "
+                         f"{eps!r}")
+    return _memory_format(input)
+
+
+def _quick_check(input, running_mean, running_var, weight, bias, training, eps):
+    """The eager path's check: the memory format when torch's own rules hold at a
+    glance (vectors of input's dtype, eps > 0 when training, running statistics in
+    eval mode); None sends the call through _check. bncy checks the rest (shapes,
+    dtypes, momentum, eps) before it writes anything, and NumPy refuses tensors off
+    the CPU or not dense; their errors are then replaced by _check's messages."""
+    if type(input) is not torch.Tensor or input.layout is not torch.strided \
+            or type(eps) is not float:
+        return None
+    dtype = input.dtype
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is dtype):
+            return None
+    if (training and not eps > 0.0) or (not training and running_mean is None):
+        return None
+    return _memory_format(input)
+
+
+# ---------------------------------------------------------------------------
+# Layouts: NumPy views of the tensors' memory
+# ---------------------------------------------------------------------------
+
+def _memory_format(t) -> torch.memory_format:
+    """channels_last (3d) for a 4-D (5-D) tensor laid out that way and not also
+    contiguous; else contiguous. Results take this format."""
+    fmt = _CHANNELS_LAST.get(t.dim())
+    if fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
+
+
+def _dense_strides(shape, fmt) -> tuple:
+    """The strides torch gives a new tensor of this shape in this memory format."""
+    n = len(shape)
+    order = range(n) if fmt is torch.contiguous_format else (0, *range(2, n), 1)
+    strides, step = [0] * n, 1
+    for d in reversed(tuple(order)):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+def _canonical(t, fmt):
+    """t in memory format fmt with torch's own strides for it: a copy only when t's
+    memory is not laid out that way (other strides, overlaps). A contiguous tensor
+    is returned as is: bncy reads it as C order whatever its size-1 strides."""
+    if not t.is_contiguous(memory_format=fmt):
+        t = t.contiguous(memory_format=fmt)
+    if fmt is torch.contiguous_format:
+        return t
+    strides = _dense_strides(t.shape, fmt)    # size-1 axes may carry any stride
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+
+def _np(t):
+    """A NumPy view of a CPU tensor's memory (None stays None)."""
+    if t is None:
+        return None
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+def _tensor(a, fmt=torch.contiguous_format):
+    """A tensor over a NumPy result of bncy (no copy), in memory format fmt (bncy
+    keeps the input's layout; channels_last gets torch's strides on size-1 axes)."""
+    t = torch.from_numpy(a)
+    return t if fmt is torch.contiguous_format else _canonical(t, fmt)
+
+
+def _written(running_mean, running_var) -> None:
+    """Bump the version of running statistics written through NumPy, as an in-place
+    torch op would (autograd then refuses stale saved copies of them)."""
+    if running_mean is not None:
+        torch.autograd.graph.increment_version((running_mean, running_var))
+
+
+def _eval_stats(running_mean, running_var, eps: float):
+    """float64 mean and invstd = 1 / sqrt(running_var + eps) of an eval-mode pass."""
+    mean = np.array(_np(running_mean), dtype=np.float64)
+    invstd = 1.0 / np.sqrt(_np(running_var).astype(np.float64) + eps)
+    return mean, invstd
+
+
+# ---------------------------------------------------------------------------
+# The computations, on NumPy views (arguments already checked, x canonical)
+# ---------------------------------------------------------------------------
+
+def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt):
+    """(y, mean, invstd) from NumPy views of x, the running statistics, weight and
+    bias (or None): y a tensor; in training the batch statistics as float64 arrays,
+    with the running statistics updated in place in bncy.forward's one call (the
+    caller bumps their version); in eval mode (None, None) (see _eval_stats)."""
+    nt = torch.get_num_threads()
+    if training:
+        y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=rmn,
+                                       running_var=rvn, momentum=momentum, n_threads=nt)
+        return _tensor(y, fmt), mean, invstd
+    if xn.size == 0:
+        return _tensor(np.empty(xn.shape, xn.dtype), fmt), None, None
+    y = bncy.inference(xn, rmn, rvn, wn, bn, eps=eps, axis=1, n_threads=nt)
+    return _tensor(y, fmt), None, None
+
+
+def _forward_split(x, weight, bias, eps, fmt):
+    """Training forward in two phases (:func:`bncy.batch_stats`, then
+    :func:`bncy.apply_stats`), the same bits as :func:`bncy.forward`:
+    (y, mean, invstd, m2), m2 for the running statistics' update."""
+    xn, nt = _np(x), torch.get_num_threads()
+    stats = bncy.batch_stats(xn, axis=1, n_threads=nt)
+    if stats.count < 2:   # batch_stats accepts a part of any size; a whole batch needs 2
+        raise ValueError("bncy.torch: expected more than 1 value per channel when "
+                         f"training, got input of shape {tuple(x.shape)}")
+    y, mean, invstd = bncy.apply_stats(xn, stats, _np(weight), _np(bias), eps=eps, axis=1,
+                                       n_threads=nt)
+    return _tensor(y, fmt), mean, invstd, stats.m2
+
+
+def _update_running(running_mean, running_var, mean, m2, count: int, momentum: float):
+    """The running statistics' update of a training pass, in place: bncy.apply_stats
+    on an empty part with the batch's (count, mean, m2), the update bncy.forward makes."""
+    rmn = _np(running_mean)
+    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(count, mean, m2),
+                     running_mean=rmn, running_var=_np(running_var), momentum=momentum)
+    _written(running_mean, running_var)
+
+
+def _backward(dy, xn, wn, mean, invstd, training, fmt):
+    """(dx, dweight, dbias) tensors, from dy, NumPy views of x and weight (or None)
+    and the float64 statistics of the forward. Training: bncy's closed form
+    (bncy.backward). Eval: the gradient of the per-channel affine map,
+    dx = weight * invstd * dy, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy)."""
+    dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
+    if xn.size == 0:   # an empty eval-mode batch
+        zeros = np.zeros(xn.shape[1], xn.dtype)
+        return torch.empty_like(dy, memory_format=fmt), torch.from_numpy(zeros), \
+            torch.from_numpy(zeros.copy())
+    if training:
+        dx, dw, db = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt)
+        return _tensor(dx, fmt), torch.from_numpy(dw), torch.from_numpy(db)
+    sums = bncy.grad_stats(dyn, xn, mean, axis=1, n_threads=nt)
+    scale = invstd if wn is None else wn.astype(np.float64) * invstd
+    zeros = np.zeros_like(invstd)
+    # scale * dy rounded once: inference with mean 0, variance 0 and eps 1 (invstd 1)
+    dx = bncy.inference(dyn, zeros, zeros, scale, None, eps=1.0, axis=1, n_threads=nt)
+    dw = (sums.sum_dy_xc * invstd).astype(xn.dtype)
+    return _tensor(dx, fmt), torch.from_numpy(dw), torch.from_numpy(sums.sum_dy.astype(xn.dtype))
+
+
+# ---------------------------------------------------------------------------
+# The eager path: bncy on NumPy views, autograd through a Function
+# ---------------------------------------------------------------------------
+
+class _BatchNormFunction(torch.autograd.Function):
+    """batch_norm in eager mode. The statistics and the NumPy views of x and weight
+    stay on ctx; x and weight are also saved tensors, so that autograd checks that
+    they are not modified in place before the backward."""
+
+    @staticmethod
+    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum,
+                eps, fmt):
+        x = _canonical(input, fmt)
+        ctx.xn, ctx.wn = _np(x), _np(weight)
+        y, ctx.mean, ctx.invstd = _forward(ctx.xn, _np(running_mean), _np(running_var),
+                                           ctx.wn, _np(bias), training, momentum, eps, fmt)
+        if training:
+            _written(running_mean, running_var)
+        else:
+            ctx.mean, ctx.invstd = _eval_stats(running_mean, running_var, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.training, ctx.fmt = training, fmt
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        _ = ctx.saved_tensors   # raises if x or weight was modified in place since the forward
+        dx, dw, db = _backward(dy, ctx.xn, ctx.wn, ctx.mean, ctx.invstd, ctx.training,
+                               ctx.fmt)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, None, None, dw if need[3] else None,
+                db if need[4] else None, None, None, None, None)
+
+
+def _eager(input) -> bool:
+    """Whether bncy can run directly on this call's tensors: a plain tensor, no
+    compilation, no dispatch mode (FakeTensorMode, make_fx) and no functorch
+    transform. Tensor subclasses and anything traced go through the custom ops;
+    a non-tensor stays here, to be refused by _check."""
+    if type(input) is not torch.Tensor:
+        return not isinstance(input, torch.Tensor)
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input))
+
+
+# ---------------------------------------------------------------------------
+# The custom ops (torch.compile, export, FakeTensor tracing)
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "bncy::batch_norm", mutates_args=(),
+    schema="(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight, "
+           "Tensor? bias, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
+def _op_batch_norm(input, running_mean, running_var, weight, bias, training, eps):
+    """(y, mean, invstd, m2): training uses the batch statistics and leaves the
+    running ones alone (bncy::update_running_stats updates them with mean and m2);
+    eval uses the running statistics (mean, invstd their float64 form, m2 zeros)."""
+    fmt = _check(input, running_mean, running_var, weight, bias, training, 0.0, eps)
+    x = _canonical(input, fmt)
+    if training:
+        y, mean, invstd, m2 = _forward_split(x, weight, bias, eps, fmt)
+    else:
+        y = _forward(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+                     False, 0.0, eps, fmt)[0]
+        mean, invstd = _eval_stats(running_mean, running_var, eps)
+        m2 = np.zeros_like(mean)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(m2)
+
+
+@_op_batch_norm.register_fake
+def _(input, running_mean, running_var, weight, bias, training, eps):
+    C = input.shape[1]
+    y = torch.empty_like(input, memory_format=_memory_format(input))
+    return (y, *(input.new_empty((C,), dtype=torch.float64) for _ in range(3)))
+
+
+@torch.library.custom_op(
+    "bncy::batch_norm_backward", mutates_args=(),
+    schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+           "bool training) -> (Tensor, Tensor, Tensor)")
+def _op_batch_norm_backward(grad_out, input, weight, mean, invstd, training):
+    """(dx, dweight, dbias) of bncy::batch_norm; dweight and dbias also without weight."""
+    fmt = _memory_format(input)
+    return _backward(grad_out, _np(_canonical(input, fmt)), _np(weight), mean.numpy(),
+                     invstd.numpy(), training, fmt)
+
+
+@_op_batch_norm_backward.register_fake
+def _(grad_out, input, weight, mean, invstd, training):
+    C = input.shape[1]
+    dx = torch.empty_like(input, memory_format=_memory_format(input))
+    return dx, input.new_empty((C,)), input.new_empty((C,))
+
+
+def _setup_context(ctx, inputs, output):
+    input, _, _, weight, bias, training, _ = inputs
+    _, mean, invstd, m2 = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.training = training
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.mark_non_differentiable(mean, invstd, m2)
+
+
+def _op_backward(ctx, dy, _dmean, _dinvstd, _dm2):
+    input, weight, mean, invstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.bncy.batch_norm_backward(dy, input, weight, mean, invstd,
+                                                     ctx.training)
+    return (dx, None, None, dw if ctx.has_weight else None, db if ctx.has_bias else None,
+            None, None)
+
+
+_op_batch_norm.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(
+    "bncy::update_running_stats", mutates_args=("running_mean", "running_var"),
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor m2, "
+           "SymInt count, float momentum) -> ()")
+def _op_update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+    """r = (1 - momentum) * r + momentum * s, with the batch mean and the unbiased
+    batch variance m2 / (count - 1), as bncy.forward updates them."""
+    _check_tensor(running_mean, "running_mean")
+    if running_mean.dim() != 1:
+        raise ValueError(f"bncy.torch: running_mean must be 1-D, got shape "
+                         f"{tuple(running_mean.shape)}")
+    _check_vector(running_var, "running_var", running_mean.shape[0], running_mean.dtype)
+    _check_real(momentum, "momentum", 0.0, 1.0)
+    _update_running(running_mean, running_var, mean.numpy(), m2.numpy(), count, momentum)
+
+
+@_op_update_running_stats.register_fake
+def _(running_mean, running_var, mean, m2, count, momentum):
+    return None
+
+
+def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum,
+                    eps):
+    """batch_norm through the custom ops (traceable, no graph break). The running
+    statistics go to bncy::batch_norm in training too, to be checked there."""
+    y, mean, _, m2 = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
+                                               bias, bool(training), eps)
+    if training and running_mean is not None and running_var is not None:
+        count = input.numel() // input.shape[1]
+        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, m2, count,
+                                            momentum)
+    return y
+
+
+# ---------------------------------------------------------------------------
+# The functional interface
+# ---------------------------------------------------------------------------
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+    """Batch normalization over dimension 1, ``torch.nn.functional.batch_norm``'s
+    signature and semantics, computed by bncy.
+
+    Parameters
+    ----------
+    input : Tensor of shape (N, C, ...), float32 or float64, on the CPU
+        Contiguous and channels_last (3d) tensors are read in place; other
+        strides are copied first. The result has input's memory format
+        (channels_last stays channels_last).
+    running_mean, running_var : Tensor of shape (C,) or None
+        Both or neither; input's dtype. Used when ``training`` is False; updated
+        in place when it is True: ``r = (1 - momentum) * r + momentum * s`` with
+        the batch mean and the unbiased batch variance.
+    weight, bias : Tensor of shape (C,), optional
+        Per-channel scale and shift (input's dtype); None means 1 and 0.
+    training : bool, default False
+        Normalise with the batch statistics (True) or the running ones.
+    momentum : float, default 0.1
+        In [0, 1].
+    eps : float, default 1e-5
+        Finite and > 0 (>= 0 in eval mode), as in torch.
+
+    Returns
+    -------
+    Tensor
+        Of input's shape, dtype and memory format; differentiable with respect to
+        input, weight and bias (bncy's closed-form backward; not twice).
+
+    Raises
+    ------
+    TypeError
+        A dtype other than float32/float64 (half precision included), a tensor
+        not on the CPU or not dense, an argument of the wrong kind.
+    ValueError
+        A wrong shape, fewer than 2 values per channel when training, missing
+        running statistics in eval mode, momentum or eps out of range. Nothing
+        is written when an exception is raised.
+
+    Notes
+    -----
+    Statistics are accumulated in float64 and the results are bitwise identical
+    for every ``torch.set_num_threads`` (bncy uses torch's thread count). In
+    eager mode bncy is called directly; under ``torch.compile`` the call goes
+    through the ``bncy::batch_norm`` and ``bncy::update_running_stats`` custom
+    ops, with the same bits.
+    """
+    if not _eager(input):
+        return _batch_norm_ops(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps)
+    args = (input, running_mean, running_var, weight, bias, bool(training), momentum, eps)
+    fmt = _quick_check(*args[:6], eps)
+    if fmt is None:
+        fmt = _check(*args)
+    try:
+        return _eager_batch_norm(*args, fmt)
+    except (TypeError, ValueError):
+        _check(*args)   # the precise message when an argument is at fault, else bncy's
+        raise
+
+
+def _eager_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                      eps, fmt):
+    """batch_norm on NumPy views: under autograd when a gradient is wanted."""
+    if torch.is_grad_enabled() and (input.requires_grad
+                                    or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _BatchNormFunction.apply(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps, fmt)
+    y = _forward(_np(_canonical(input, fmt)), _np(running_mean), _np(running_var), _np(weight),
+                 _np(bias), training, momentum, eps, fmt)[0]
+    if training:
+        _written(running_mean, running_var)
+    return y
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+class _BncyForward:
+    """The forward of torch's _BatchNorm, calling :func:`batch_norm`."""
+
+    def _factor(self) -> float:
+        """The running statistics' momentum for this call: ``momentum``, or with
+        momentum=None the cumulative average's 1 / (batches tracked after it)."""
+        if self.momentum is not None:
+            return self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return 0.0
+
+    def _arguments(self):
+        """(running_mean, running_var, use_batch_stats), torch's rules: batch
+        statistics in training mode and when there are no running ones; running
+        statistics passed when they are used or tracked."""
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        if self.training and not self.track_running_stats:
+            return None, None, use_batch
+        return self.running_mean, self.running_var, use_batch
+
+    def _count_batch(self) -> None:
+        """num_batches_tracked += 1 after a training pass (after it succeeded)."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+
+    def forward(self, input):
+        if isinstance(input, torch.Tensor):   # else batch_norm's TypeError
+            self._check_input_dim(input)
+        running_mean, running_var, use_batch = self._arguments()
+        y = batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
+                       self._factor(), self.eps)
+        self._count_batch()
+        return y
+
+
+class BatchNorm1d(_BncyForward, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by bncy: same constructor, attributes and
+    ``state_dict``; (N, C) or (N, C, L) float32/float64 CPU input."""
+
+
+class BatchNorm2d(_BncyForward, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by bncy: same constructor, attributes and
+    ``state_dict``; (N, C, H, W) float32/float64 CPU input, contiguous or
+    channels_last (read in place, result in the same format)."""
+
+
+class BatchNorm3d(_BncyForward, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` computed by bncy: same constructor, attributes and
+    ``state_dict``; (N, C, D, H, W) float32/float64 CPU input, contiguous or
+    channels_last_3d."""
+
+
+_DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+            nn.BatchNorm3d: BatchNorm3d}
+
+
+def _check_on_cpu(modules) -> None:
+    """TypeError naming the first module with a parameter or buffer off the CPU."""
+    for name, m in modules:
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if not t.is_cpu:
+                raise TypeError(f"bncy.torch: {name or 'the model'} ({type(m).__name__}) "
+                                f"holds tensors on {t.device}; bncy runs on the CPU only")
+
+
+def _swap(model, classes: dict, **attributes):
+    """Change the class of every submodule whose exact type is a key of classes (the
+    model too), after checking them all, as torch's lazy modules become their
+    concrete class: parameters, buffers, hooks and mode stay the same objects."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bncy.torch: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in classes]
+    _check_on_cpu(targets)
+    for _, m in targets:
+        m.__class__ = classes[type(m)]
+        m.__dict__.update(attributes)
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Make every ``nn.BatchNorm1d/2d/3d`` of a model compute with bncy, in place.
+
+    Each such module (exactly those types: subclasses, ``SyncBatchNorm`` and lazy
+    modules not yet initialised are left alone) becomes the bncy module of the
+    same dimension. It keeps its parameters, buffers, hooks and mode: the very
+    same tensors, so an optimizer built before the conversion still updates them.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    torch.nn.Module
+        model itself.
+
+    Raises
+    ------
+    TypeError
+        If model is not a Module, or a batch norm module holds a tensor that is not
+        on the CPU (nothing is converted then).
+    """
+    return _swap(model, _DROP_IN)
+
+
+# ---------------------------------------------------------------------------
+# Synchronized batch norm over torch.distributed
+# ---------------------------------------------------------------------------
+
+_ERRORS = (None, TypeError, ValueError)   # kind 0 is "ok"
+_HEAD = 4                                  # int64 header: kind, dtype, count, message length
+_MESSAGE_BYTES = 512
+
+
+def _pack(kind: int, dtype_code: int, count: int, rows, nrows: int, C: int,
+          message: str = ""):
+    """One rank's message for an all_gather: a uint8 tensor of the same size on every
+    rank (an int64 header, nrows float64 vectors of C values, an error message)."""
+    buf = np.zeros(8 * _HEAD + 8 * nrows * C + _MESSAGE_BYTES, np.uint8)
+    text = message.encode()[:_MESSAGE_BYTES]
+    buf[:8 * _HEAD].view(np.int64)[:] = (kind, dtype_code, count, len(text))
+    if kind == 0:
+        buf[8 * _HEAD:8 * _HEAD + 8 * nrows * C].view(np.float64)[:] = np.concatenate(rows)
+    buf[len(buf) - _MESSAGE_BYTES:][:len(text)] = np.frombuffer(text, np.uint8)
+    return torch.from_numpy(buf)
+
+
+def _unpack(t, nrows: int, C: int):
+    """(kind, dtype_code, count, rows, message) of a gathered message."""
+    buf = t.numpy()
+    kind, dtype_code, count, n = (int(v) for v in buf[:8 * _HEAD].view(np.int64))
+    rows = buf[8 * _HEAD:8 * _HEAD + 8 * nrows * C].view(np.float64).reshape(nrows, C)
+    message = bytes(buf[len(buf) - _MESSAGE_BYTES:][:n]).decode(errors="replace")
+    return kind, dtype_code, count, rows, message
+
+
+def _exchange(group, C: int, nrows: int, local):
+    """All-gather every rank's (dtype_code, count, rows) or error in one collective.
+
+    local is ("ok", dtype_code, count, rows) or ("error", exception). Returns the
+    parts in rank order; raises the first rank's error (or a dtype disagreement)
+    on every rank, so that no rank is left waiting in a later collective.
+    """
+    if local[0] == "ok":
+        mine = _pack(0, local[1], local[2], local[3], nrows, C)
+    else:
+        exc = local[1]
+        mine = _pack(1 if isinstance(exc, TypeError) else 2, 0, 0, None, nrows, C,
+                     str(exc).removeprefix("bncy.torch: ").removeprefix("bncy: "))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    parts = [_unpack(t, nrows, C) for t in gathered]
+    for rank, (kind, _, _, _, message) in enumerate(parts):
+        if kind != 0:
+            raise _ERRORS[kind](f"bncy.torch.SyncBatchNorm: rank {rank}: {message}")
+    codes = [p[1] for p in parts]
+    if len(set(codes)) > 1:
+        names = [str(_FLOATS[c]) for c in codes]
+        raise TypeError(f"bncy.torch.SyncBatchNorm: ranks disagree on the dtype: {names}")
+    return [(count, rows) for _, _, count, rows, _ in parts]
+
+
+def _guarded(step):
+    """("ok", *step()) or ("error", exc) for a TypeError/ValueError of a local step,
+    so that the error travels in the exchange instead of leaving this rank alone."""
+    try:
+        return ("ok", *step())
+    except (TypeError, ValueError) as exc:
+        return ("error", exc)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with the statistics of every rank of a group.
+
+    Forward: bncy.batch_stats of the local part, one all_gather of every rank's
+    (count, mean, M2) or error, bncy.merge_stats in rank order, bncy.apply_stats.
+    Backward: bncy.grad_stats, one all_gather of the two sums, bncy.merge_grad_stats
+    in rank order, bncy.apply_grad. dweight and dbias are this rank's part (sums
+    over its rows, about the whole batch's statistics), as torch's SyncBatchNorm
+    returns them: DistributedDataParallel's gradient all-reduce completes them.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, group,
+                C):
+        def local():
+            fmt = _check(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                         channels=C)
+            x = _canonical(input, fmt)
+            return x, fmt, bncy.batch_stats(_np(x), axis=1, n_threads=torch.get_num_threads())
+
+        status = _guarded(local)
+        if status[0] == "ok":
+            _, x, ctx.fmt, part = status
+            status = ("ok", _FLOATS.index(x.dtype), part.count, (part.mean, part.m2))
+        parts = _exchange(group, C, 2, status)
+        total = bncy.merge_stats([bncy.BatchStats(n, rows[0], rows[1]) for n, rows in parts])
+        if total.count < 2:
+            raise ValueError("bncy.torch.SyncBatchNorm: expected more than 1 value per "
+                             f"channel when training, got {total.count} over all ranks")
+        y, ctx.mean, ctx.invstd = bncy.apply_stats(
+            _np(x), total, _np(weight), _np(bias), eps=eps, axis=1,
+            running_mean=_np(running_mean), running_var=_np(running_var),
+            momentum=momentum, n_threads=torch.get_num_threads())
+        _written(running_mean, running_var)
+        ctx.count, ctx.group, ctx.C = total.count, group, C
+        ctx.save_for_backward(x, weight)
+        return _tensor(y, ctx.fmt)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        nt = torch.get_num_threads()
+        dyn, xn = _np(_canonical(dy, ctx.fmt)), _np(x)
+
+        def local():
+            sums = bncy.grad_stats(dyn, xn, ctx.mean, axis=1, n_threads=nt)
+            return _FLOATS.index(x.dtype), 0, (sums.sum_dy, sums.sum_dy_xc)
+
+        status = _guarded(local)
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:     # the same graph on every rank, so every rank takes part
+            parts = _exchange(ctx.group, ctx.C, 2, status)
+            total = bncy.merge_grad_stats([bncy.GradStats(*rows) for _, rows in parts])
+            dxn, _, _ = bncy.apply_grad(dyn, xn, ctx.mean, ctx.invstd, total, ctx.count,
+                                        _np(weight), axis=1, n_threads=nt)
+            dx = _tensor(dxn, ctx.fmt)
+        elif status[0] == "error":
+            raise status[1]
+        sum_dy, sum_dy_xc = status[3]
+        dw = torch.from_numpy((sum_dy_xc * ctx.invstd).astype(xn.dtype))
+        db = torch.from_numpy(sum_dy.astype(xn.dtype))
+        return (dx, dw if need[1] else None, db if need[2] else None,
+                None, None, None, None, None, None)
+
+
+def _sync_group(process_group):
+    """The group to synchronize over, or None when there is nothing to synchronize
+    with (torch.distributed not initialized, or a group of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class SyncBatchNorm(_BncyForward, nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` for CPU tensors, computed by bncy.
+
+    Same constructor (``process_group`` included), attributes and ``state_dict``
+    as torch's. In training mode the statistics (and the backward's sums) span
+    the batches of every rank of ``process_group`` (default: the whole world):
+    one ``all_gather`` per phase, merged in rank order, so every rank has the
+    same bits, for any thread count. Ranks may hold different numbers of rows,
+    zero included. A bad input on any rank raises the same exception on every
+    rank. Eval mode, or no initialized process group of more than one rank,
+    is plain :func:`batch_norm`. Every rank must call it together in training.
+
+    Not a subclass of ``torch.nn.SyncBatchNorm``, which DistributedDataParallel
+    refuses in a CPU model; ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)``
+    holds, as for torch's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias)
+        self.process_group = process_group
+        _prepare_sync()
+
+    def _check_input_dim(self, input) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input):
+        group = _sync_group(self.process_group) if self.training else None
+        if group is None:
+            return super().forward(input)
+        # every check runs inside the first exchange, so a bad input raises on all ranks
+        running_mean, running_var, _ = self._arguments()
+        y = (_sync_call or _sync_batch_norm)(input, self.weight, self.bias, running_mean,
+                                             running_var, self._factor(), self.eps, group,
+                                             self.num_features)
+        self._count_batch()
+        return y
+
+
+def _sync_batch_norm(*args):
+    return _SyncBatchNormFunction.apply(*args)
+
+
+_sync_call = None   # _sync_batch_norm behind torch.compiler.disable, once a module exists
+
+
+def _prepare_sync() -> None:
+    """Wrap the synchronized pass in torch.compiler.disable (collectives and NumPy
+    calls run eagerly under torch.compile). Done when a SyncBatchNorm is made, not
+    at import: the wrapper imports torch._dynamo (1.5 s)."""
+    global _sync_call
+    if _sync_call is None:
+        _sync_call = torch.compiler.disable(_sync_batch_norm)
+
+
+_TO_SYNC = {cls: SyncBatchNorm for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                                           nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d,
+                                           BatchNorm3d, SyncBatchNorm)}
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every batch norm module of a model a :class:`SyncBatchNorm`, in place.
+
+    Converts modules of exactly the types ``nn.BatchNorm1d/2d/3d``,
+    ``nn.SyncBatchNorm`` and bncy's own, keeping their parameters, buffers,
+    hooks and mode (the same tensors), like :func:`convert`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    process_group : torch.distributed.ProcessGroup, optional
+        The group whose ranks share statistics; None means the whole world.
+
+    Returns
+    -------
+    torch.nn.Module
+        model itself.
+
+    Raises
+    ------
+    TypeError
+        As in :func:`convert`.
+    """
+    _prepare_sync()
+    return _swap(model, _TO_SYNC, process_group=process_group)

@@ -1,0 +1,836 @@
+"""bncy.torch: the op, the modules, convert, SyncBatchNorm over gloo, threads.
+
+The oracle is PyTorch itself: torch.nn.functional.batch_norm and torch's modules
+with autograd, in float64 (the float64 truth for float32 inputs too). Skipped
+without torch==2.13.0 (pip install 'bncy[torch]')."""
+
+import copy
+import datetime
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.__version__.startswith("2.13.0"):
+    pytest.skip(f"bncy.torch is tested against torch 2.13.0, not {torch.__version__}",
+                allow_module_level=True)
+
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+import bncy  # noqa: E402
+import bncy.torch as bt  # noqa: E402
+
+F = nn.functional
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bncy.__file__)))
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def data(shape, dtype=torch.float64, seed=0, scale=2.0, offset=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def laid_out(t, layout):
+    """t in a layout: "c" contiguous, "cl" channels_last, "perm" dense but neither,
+    "sliced" not dense (every other element of the last axis)."""
+    if layout == "cl":
+        return t.contiguous(memory_format=CL[t.dim()])
+    if layout == "perm":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "sliced":
+        return torch.stack([t, torch.full_like(t, 1e30)], dim=-1)[..., 0]
+    return t.contiguous()
+
+
+def tol(dtype):
+    """(rtol, atol) against the float64 truth."""
+    return (2e-6, 2e-6) if dtype == torch.float32 else (1e-10, 1e-11)
+
+
+def assert_close(a, b, dtype, scale=1.0):
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale)
+
+
+def vectors(C, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
+    rm = torch.randn(C, generator=g, dtype=dtype)
+    rv = torch.rand(C, generator=g, dtype=dtype) + 0.5
+    return w, b, rm, rv
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's thread count after a test that changes it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------
+# the functional op against torch.nn.functional.batch_norm
+# ---------------------------------------------------------------------------
+
+CASES = [((16, 5), "c"), ((6, 4, 7), "c"), ((4, 3, 6, 7), "c"), ((4, 3, 6, 7), "cl"),
+         ((2, 3, 1, 5), "cl"), ((3, 4, 3, 5, 6), "cl"), ((4, 3, 6, 7), "perm"),
+         ((6, 4, 7), "sliced"), ((4, 3, 6, 7), "sliced")]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{lay}" for s, lay in CASES])
+def test_matches_torch_functional(shape, layout, dtype, training, affine):
+    """Forward, running statistics over 3 steps, and gradients, against torch's
+    batch_norm in float64 on the same values."""
+    C = shape[1]
+    w, b, rm, rv = vectors(C, dtype)
+    w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
+    truth = [t if t is None else t.detach().double().clone().requires_grad_(t.requires_grad)
+             for t in (w, b, rm, rv)]                  # copies, also of float64 tensors
+    for step in range(3):
+        x = laid_out(data(shape, dtype, seed=step, offset=step), layout).requires_grad_()
+        x64 = x.detach().double().clone().requires_grad_()
+        y = bt.batch_norm(x, rm, rv, w, b, training, momentum=0.2, eps=1e-3)
+        y64 = F.batch_norm(x64, truth[2], truth[3], truth[0], truth[1], training,
+                           momentum=0.2, eps=1e-3)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_close(y, y64, dtype, scale=10)
+        assert_close(rm, truth[2], dtype)
+        assert_close(rv, truth[3], dtype)
+    # results keep the input's memory format; other layouts come back contiguous
+    fmt = CL[x.dim()] if layout == "cl" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    dy = data(shape, dtype, seed=9, offset=0.0)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    truths = torch.autograd.grad(y64, [x64] + [t for t in truth[:2] if t is not None],
+                                 dy.double())
+    M = x.numel() // C
+    for g, g64 in zip(grads, truths):
+        assert g.dtype == dtype
+        assert_close(g, g64, dtype, scale=M)
+
+
+def test_momentum_and_eps_edges_match_torch():
+    x = data((8, 3, 4), torch.float64)
+    for momentum, eps in [(0.0, 1e-30), (1.0, 1e-5), (0.5, 2.0)]:
+        w, b, rm, rv = vectors(3, torch.float64)
+        rm2, rv2 = rm.clone(), rv.clone()
+        y = bt.batch_norm(x, rm, rv, w, b, True, momentum, eps)
+        y2 = F.batch_norm(x, rm2, rv2, w, b, True, momentum, eps)
+        torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close((rm, rv), (rm2, rv2), rtol=1e-13, atol=1e-14)
+
+
+def test_training_without_running_statistics():
+    x = data((10, 4), torch.float32)
+    torch.testing.assert_close(bt.batch_norm(x, None, None, training=True),
+                               F.batch_norm(x.double(), None, None, training=True).float(),
+                               rtol=2e-6, atol=2e-6)
+
+
+def test_empty_batch_in_eval_mode():
+    w, b, rm, rv = vectors(3, torch.float32)
+    x = torch.empty(0, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = bt.batch_norm(x, rm, rv, w, b, False)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError):
+        bt.batch_norm(x.detach(), rm, rv, w, b, True)
+
+
+def test_gradcheck_float64():
+    """Finite differences through the eager path and through the custom op."""
+    w, b, rm, rv = vectors(3, torch.float64)
+    w.requires_grad_()
+    b.requires_grad_()
+    for layout in ("c", "cl"):
+        x = laid_out(data((3, 3, 2, 2), seed=4), layout).requires_grad_()
+        for training in (True, False):
+            def eager(x_, w_, b_, training=training):
+                return bt.batch_norm(x_, None if training else rm, None if training else rv,
+                                     w_, b_, training, eps=1e-3)
+
+            def op(x_, w_, b_, training=training):
+                return torch.ops.bncy.batch_norm(x_, None if training else rm,
+                                                 None if training else rv, w_, b_,
+                                                 training, 1e-3)[0]
+
+            assert torch.autograd.gradcheck(eager, (x, w, b))
+            assert torch.autograd.gradcheck(op, (x, w, b))
+
+
+# ---------------------------------------------------------------------------
+# memory: NumPy views, no copies for contiguous and channels_last
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["c", "cl", "perm"])
+def test_contiguous_and_channels_last_are_not_copied(layout, monkeypatch):
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen[name] = (args, out)
+            return out
+        monkeypatch.setattr(bncy, name, wrapped)
+
+    spy("forward", bncy.forward)
+    spy("backward", bncy.backward)
+    x = laid_out(data((4, 6, 5, 3), torch.float32), layout).requires_grad_()
+    dy = laid_out(data((4, 6, 5, 3), torch.float32, seed=2), layout)
+    y = bt.batch_norm(x, None, None, training=True)
+    y.backward(dy)
+    xn = seen["forward"][0][0]
+    assert (xn.__array_interface__["data"][0] == x.data_ptr()) == (layout != "perm")
+    # y is the array bncy returned, wrapped in place
+    assert y.data_ptr() == seen["forward"][1][0].__array_interface__["data"][0]
+    dyn = seen["backward"][0][0]
+    assert (dyn.__array_interface__["data"][0] == dy.data_ptr()) == (layout != "perm")
+    if layout != "perm":   # else autograd copies dx into x's own strides
+        assert x.grad.data_ptr() == seen["backward"][1][0].__array_interface__["data"][0]
+
+
+# ---------------------------------------------------------------------------
+# errors: TypeError (dtype, kind, device) or ValueError (shape, parameter), nothing
+# written
+# ---------------------------------------------------------------------------
+
+def _bad_calls():
+    x = data((4, 3, 2, 2), torch.float32)
+    w, b, rm, rv = vectors(3, torch.float32)
+    meta = torch.empty(4, 3, 2, 2, device="meta")
+    return [
+        (TypeError, "half precision", dict(input=x.half())),
+        (TypeError, "half precision", dict(input=x.bfloat16())),
+        (TypeError, "float32 and float64", dict(input=x.int())),
+        (TypeError, "CPU", dict(input=meta)),
+        (TypeError, "torch.Tensor", dict(input=x.numpy())),
+        (TypeError, "dtype", dict(weight=w.double())),
+        (TypeError, "CPU", dict(bias=torch.empty(3, device="meta"))),
+        (TypeError, "layout", dict(input=x.to_sparse())),
+        (TypeError, "real number", dict(momentum="0.1")),
+        (ValueError, "2D", dict(input=x[0, 0, 0])),
+        (ValueError, "shape", dict(weight=w[:2])),
+        (ValueError, "both", dict(running_var=None)),
+        (ValueError, "training=False", dict(running_mean=None, running_var=None,
+                                            training=False)),
+        (ValueError, "momentum", dict(momentum=1.5)),
+        (ValueError, "eps", dict(eps=-1.0)),
+        (ValueError, "eps", dict(eps=float("nan"))),
+        (ValueError, "positive", dict(eps=0.0)),
+        (ValueError, "more than 1 value", dict(input=x[:1, :, :1, :1])),
+        (ValueError, "channels", dict(input=x[:, :0])),
+    ], (x, w, b, rm, rv)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls()[0])))
+def test_bad_input_raises_before_anything_is_written(case):
+    calls, (x, w, b, rm, rv) = _bad_calls()
+    kind, match, change = calls[case]
+    args = dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True,
+                momentum=0.1, eps=1e-5)
+    args.update(change)
+    before = [t.clone() for t in (rm, rv)]
+    with pytest.raises(kind, match=match):
+        bt.batch_norm(**args)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_module_errors_leave_num_batches_tracked_alone():
+    m = bt.BatchNorm2d(3)
+    with pytest.raises(TypeError, match="half precision"):
+        m(torch.ones(2, 3, 2, 2, dtype=torch.float16))
+    with pytest.raises(ValueError):
+        m(torch.ones(1, 3, 1, 1))
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
+
+
+def test_import_error_without_torch(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import bncy.torch\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "bncy[torch]" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# the custom ops: opcheck, torch.compile without graph breaks, same bits as eager
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(layout, training):
+    x = laid_out(data((4, 3, 5, 6)), layout).requires_grad_()
+    w, b, rm, rv = vectors(3, torch.float64)
+    w.requires_grad_()
+    args = (x, rm, rv, w, None, training, 1e-5)
+    torch.library.opcheck(torch.ops.bncy.batch_norm.default, args)
+    if training:     # the running statistics are optional (and unused) when training
+        torch.library.opcheck(torch.ops.bncy.batch_norm.default, (x, None, None) + args[3:])
+    _, mean, invstd, _ = torch.ops.bncy.batch_norm(*args)
+    torch.library.opcheck(torch.ops.bncy.batch_norm_backward.default,
+                          (laid_out(data(x.shape, seed=3), layout), x.detach(), w.detach(),
+                           mean, invstd, training))
+    if training:
+        torch.library.opcheck(torch.ops.bncy.update_running_stats.default,
+                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 40, 0.1))
+
+
+def _step(fn, x, *params):
+    """fn's output and the gradients of a weighted sum of it."""
+    y = fn(x)
+    loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum()
+    return (y.detach(), *torch.autograd.grad(loss, (x, *params)))
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_compile_fullgraph_equals_eager_bitwise(layout):
+    """torch.compile(fullgraph=True) traces through the custom ops (a graph break
+    would raise) and gives the eager path's bits: y, gradients, running stats."""
+    w, b, rm, rv = vectors(6, torch.float32)
+    w.requires_grad_()
+    b.requires_grad_()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, rm, rv):
+        y = bt.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-4)
+        return bt.batch_norm(torch.relu(y), rm, rv, w, None, False, 0.3, 1e-4)
+
+    x = laid_out(data((5, 6, 4, 3), torch.float32), layout).requires_grad_()
+    stats = [(rm.clone(), rv.clone()) for _ in range(3)]
+    eager = _step(lambda x_: f(x_, *stats[0]), x, w, b)
+    for backend, (srm, srv) in zip([record, "aot_eager"], stats[1:]):
+        compiled = torch.compile(f, backend=backend, fullgraph=True)
+        got = _step(lambda x_, c=compiled, a=srm, v=srv: c(x_, a, v), x, w, b)
+        for a, e in zip(got, eager):
+            assert torch.equal(a, e)
+        assert torch.equal(srm, stats[0][0]) and torch.equal(srv, stats[0][1])
+        assert got[0].is_contiguous(memory_format=CL[4] if layout == "cl"
+                                    else torch.contiguous_format)
+    ops = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"bncy.batch_norm", "bncy.update_running_stats"} <= ops
+
+
+# ---------------------------------------------------------------------------
+# modules, convert, state_dict
+# ---------------------------------------------------------------------------
+
+MODULES = [(bt.BatchNorm1d, nn.BatchNorm1d, (8, 5)), (bt.BatchNorm1d, nn.BatchNorm1d, (8, 5, 3)),
+           (bt.BatchNorm2d, nn.BatchNorm2d, (4, 5, 3, 3)),
+           (bt.BatchNorm3d, nn.BatchNorm3d, (2, 5, 2, 3, 3))]
+CONFIGS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+           dict(bias=False, momentum=0.5)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("mine,theirs,shape", MODULES, ids=lambda v: getattr(v, "__name__", ""))
+def test_modules_match_torch_modules(mine, theirs, shape, config):
+    a = mine(5, dtype=torch.float64, **config)
+    t = theirs(5, dtype=torch.float64, **config)
+    assert isinstance(a, theirs)
+    if a.weight is not None:
+        with torch.no_grad():
+            a.weight.copy_(torch.linspace(0.5, 2, 5))
+        t.weight = nn.Parameter(a.weight.detach().clone())
+    assert list(a.state_dict()) == list(t.state_dict())
+    for step in range(4):
+        if step == 3:
+            a.eval()
+            t.eval()
+        x = data(shape, seed=step, offset=step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        ya, yt = a(x), t(x2)
+        torch.testing.assert_close(ya, yt, rtol=1e-10, atol=1e-11)
+        ya.square().sum().backward()
+        yt.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-10)
+        for p, q in zip(a.parameters(), t.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+        for (k, u), v in zip(a.state_dict().items(), t.state_dict().values()):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-13, msg=k)
+
+
+def test_state_dicts_are_interchangeable():
+    t = nn.BatchNorm2d(4)
+    t(data((3, 4, 2, 2), torch.float32))
+    a = bt.BatchNorm2d(4)
+    a.load_state_dict(t.state_dict())
+    for k, v in t.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v)
+    a(data((3, 4, 2, 2), torch.float32, seed=5))
+    t.load_state_dict(a.state_dict())
+    assert int(t.num_batches_tracked) == 2
+
+
+class MyBN(nn.BatchNorm2d):
+    """A user's subclass: convert leaves it alone."""
+
+
+def test_convert_swaps_in_place_and_keeps_every_tensor():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4),
+                          nn.Sequential(nn.BatchNorm2d(2), MyBN(2), nn.SyncBatchNorm(2)),
+                          nn.BatchNorm3d(2))
+    model.eval()
+    hook = model[1].register_forward_hook(lambda m, i, o: o * 2)
+    before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    params = list(model.parameters())
+    assert bt.convert(model) is model
+    kinds = [type(m) for m in (model[1], model[2][0], model[2][1], model[2][2], model[3])]
+    assert kinds == [bt.BatchNorm1d, bt.BatchNorm2d, MyBN, nn.SyncBatchNorm, bt.BatchNorm3d]
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is v for k, v in before.items())
+    assert list(model.parameters()) == params and not model[1].training
+    x = data((5, 3), torch.float32)
+    expect = 2 * F.batch_norm(model[0](x), model[1].running_mean, model[1].running_var,
+                              model[1].weight, model[1].bias, False)
+    torch.testing.assert_close(model[:2](x), expect)          # the hook still runs
+    hook.remove()
+    bn = nn.BatchNorm2d(3)
+    assert bt.convert(bn) is bn and type(bn) is bt.BatchNorm2d
+
+
+def test_convert_refuses_non_cpu_and_converts_nothing():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, device="meta"))
+    with pytest.raises(TypeError, match="meta"):
+        bt.convert(model)
+    assert [type(m) for m in model] == [nn.BatchNorm1d, nn.BatchNorm1d]
+    with pytest.raises(TypeError, match="Module"):
+        bt.convert("model")
+
+
+def test_an_optimizer_built_before_convert_still_trains():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
+    ref.double()
+    model = copy.deepcopy(ref)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    bt.convert(model)
+    for step in range(3):
+        x = data((16, 4), seed=step)
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(ref.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# a ResNet-18-shaped model: basic blocks of conv-BN-ReLU
+# ---------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet18(width=8, classes=10):
+    """ResNet-18's layout (a stem, four stages of two basic blocks), narrow."""
+    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for i, stride in enumerate((1, 2, 2, 2)):
+        cout = width << i
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def _train(model, steps, seed=0, dtype=torch.float32, layout="c"):
+    """Losses, outputs and parameter gradients of SGD steps on fixed batches."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = laid_out(torch.randn(4, 3, 16, 16, generator=g, dtype=dtype), layout)
+        target = torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        y = model(x)
+        loss = F.cross_entropy(y, target)
+        loss.backward()
+        out.append((loss.detach(), y.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return out
+
+
+def _model(dtype=torch.float32, layout="c"):
+    torch.manual_seed(0)
+    m = resnet18().to(dtype)
+    return m.to(memory_format=torch.channels_last) if layout == "cl" else m
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_converted_resnet_trains_like_torch(dtype):
+    """Forward, loss and every parameter's gradient over 3 SGD steps, against the
+    unconverted model (float32: 20 batch norms deep, relative to each tensor's norm)."""
+    ref = _model(dtype)
+    ours = bt.convert(copy.deepcopy(ref))
+    assert sum(isinstance(m, bt.BatchNorm2d) for m in ours.modules()) == 20
+    for (l1, y1, g1), (l2, y2, g2) in zip(_train(ref, 3, dtype=dtype),
+                                          _train(ours, 3, dtype=dtype)):
+        if dtype == torch.float64:
+            torch.testing.assert_close(l2, l1, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(y2, y1, rtol=1e-9, atol=1e-10)
+            for a, b in zip(g2, g1):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        else:
+            assert abs(float(l2 - l1)) < 1e-5 and _rel(y2, y1) < 1e-4
+            assert max(_rel(a, b) for a, b in zip(g2, g1)) < 1e-2
+
+
+def test_converted_resnet_is_bitwise_equal_at_1_and_2_threads(threads):
+    """A training step of the channels_last model: the output, the loss, the input's
+    gradient and every batch norm parameter's gradient. (The convolutions' weight
+    gradients are torch's, whose sums over the batch depend on the thread count.)"""
+    results = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        model = bt.convert(_model(layout="cl"))
+        x = laid_out(data((4, 3, 16, 16), torch.float32), "cl").requires_grad_()
+        y = model(x)
+        loss = F.cross_entropy(y, torch.arange(4))
+        loss.backward()
+        bn = [p.grad for m in model.modules() if isinstance(m, bt.BatchNorm2d)
+              for p in m.parameters()]
+        results.append([y, loss, x.grad, *bn] + list(model.buffers()))
+    assert len(results[0]) == 3 + 2 * 20 + 3 * 20
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_converted_resnet_compiled_matches_eager():
+    """fullgraph: no graph break anywhere in the model; AOTAutograd through the ops'
+    fake and autograd registrations; the same bits as eager."""
+    eager = bt.convert(_model())
+    compiled = copy.deepcopy(eager)
+    opt_model = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for (l1, y1, g1), (l2, y2, g2) in zip(_train(eager, 2), _train(opt_model, 2)):
+        assert torch.equal(l1, l2) and torch.equal(y1, y2)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    for a, b in zip(eager.buffers(), compiled.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_converted_resnet_under_inductor_matches_eager():
+    """Inductor compiles the rest of the model to C++ (its own rounding): close."""
+    eager = bt.convert(_model())
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    for (l1, y1, g1), (l2, y2, g2) in zip(_train(eager, 2), _train(compiled, 2)):
+        torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
+        for a, b in zip(g2, g1):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# threads and determinism
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_bitwise_identical_for_any_thread_count(layout, dtype, threads, monkeypatch):
+    """Large enough for bncy's threads (>= 32768 values); the count bncy is given is
+    torch's."""
+    passed = []
+    forward = bncy.forward
+    monkeypatch.setattr(bncy, "forward",
+                        lambda *a, **k: passed.append(k["n_threads"]) or forward(*a, **k))
+    w, b, _, _ = vectors(16, dtype)
+    w.requires_grad_()
+    results = []
+    for nt, deterministic in [(1, False), (2, False), (2, True), (1, True)]:
+        torch.set_num_threads(nt)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            rm, rv = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+            x = laid_out(data((8, 16, 24, 24), dtype), layout).requires_grad_()
+            results.append((*_step(lambda x_: bt.batch_norm(x_, rm, rv, w, b, True), x, w),
+                            rm, rv))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert passed == [1, 2, 2, 1]
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], r))
+
+
+COEXIST = r"""
+import os, sys, hashlib
+order = sys.argv[1]
+if order == "torch-first":
+    import torch, bncy
+else:
+    import bncy, torch
+import bncy.torch as bt
+from threadpoolctl import threadpool_limits
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def run():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, 32, generator=g).requires_grad_()   # 65536 values
+    w = torch.ones(32, requires_grad=True)
+    y = bt.batch_norm(x, None, None, w, None, True)
+    (y * y).sum().backward()
+    h = hashlib.sha256()
+    for t in (y, x.grad, w.grad):
+        h.update(t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+start = tasks()
+with threadpool_limits(1):
+    assert torch.get_num_threads() == 1
+    one = run()
+assert tasks() == start, ("threadpoolctl's limit not honoured", start, tasks())
+torch.set_num_threads(1)
+assert run() == one and tasks() == start, ("set_num_threads(1) not honoured", tasks())
+torch.set_num_threads(2)
+two = run()
+grew = tasks() > start
+print(one == two, grew, bncy.openmp_enabled())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/task")
+def test_openmp_coexistence_and_thread_limits(tmp_path):
+    """Both import orders, each in a fresh process with OMP_NUM_THREADS=2 (run side
+    by side): one thread under threadpoolctl and torch.set_num_threads(1) (no OpenMP
+    thread started), a second thread at 2, the same bits either way."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", COEXIST, order], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for order in ("torch-first", "bncy-first")]
+    outs = []
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        same, grew, openmp = out.split()
+        assert same == "True"
+        assert grew == openmp    # threads were started only where 2 were allowed
+
+
+# ---------------------------------------------------------------------------
+# SyncBatchNorm
+# ---------------------------------------------------------------------------
+
+def test_sync_batchnorm_without_a_process_group_is_batch_norm():
+    assert not dist.is_initialized()
+    s, t = bt.SyncBatchNorm(4, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)
+    x = data((3, 4, 2, 5))
+    torch.testing.assert_close(s(x), t(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.running_var, t.running_var, rtol=1e-13, atol=0)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(bt.BatchNorm2d(3)),
+                          nn.SyncBatchNorm(3), MyBN(3))
+    weight = model[0].weight
+    assert bt.convert_sync_batchnorm(model, process_group="pg") is model
+    assert [type(m) for m in (model[0], model[1][0], model[2], model[3])] == [
+        bt.SyncBatchNorm, bt.SyncBatchNorm, bt.SyncBatchNorm, MyBN]
+    assert model[0].process_group == "pg" and model[0].weight is weight
+    # DistributedDataParallel refuses torch.nn.SyncBatchNorm in a CPU model
+    assert not isinstance(model[0], nn.SyncBatchNorm)
+    assert isinstance(model[0], nn.modules.batchnorm._BatchNorm)
+    with pytest.raises(TypeError, match="meta"):
+        bt.convert_sync_batchnorm(nn.BatchNorm1d(2, device="meta"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo")
+def test_sync_batchnorm_over_gloo_equals_one_process(tmp_path):
+    """2 processes on 127.0.0.1 (see _sync_worker for what each checks)."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"        # the loopback interface only
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            "import test_torch_api as t; t._sync_worker(int(sys.argv[1]), 2, int(sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(port)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=150)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank}:\n{out[-4000:]}"
+        assert f"rank {rank}: ok" in out
+
+
+def _sync_worker(rank, world, port):
+    """One rank of test_sync_batchnorm_over_gloo_equals_one_process."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for dtype, layout, split in [(torch.float64, "c", (3, 5)),
+                                     (torch.float32, "cl", (0, 6)),
+                                     (torch.float64, "cl", (4, 1))]:
+            _sync_matches_one_process(rank, dtype, layout, split)
+        _sync_errors_raise_on_every_rank(rank)
+        _sync_ddp_trains_like_one_process(rank, world)
+    finally:
+        dist.destroy_process_group()
+    print(f"rank {rank}: ok", flush=True)
+
+
+def _same_on_every_rank(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    assert all(torch.equal(parts[0], p) for p in parts[1:])
+
+
+def _sync_matches_one_process(rank, dtype, layout, split):
+    """Unequal parts of one batch (zero rows allowed): y and dx are the rows of the
+    one-process result, the running statistics the whole batch's, the same bits on
+    every rank and at 1 and 2 threads; bit for bit what bncy's split-phase API gives
+    one process merging the same parts in rank order."""
+    C, N = 4, sum(split)
+    x = laid_out(data((N, C, 3, 5), dtype), layout)
+    dy = laid_out(data((N, C, 3, 5), dtype, seed=7, offset=0.0), layout)
+    w, b, _, _ = vectors(C, dtype)
+    lo, hi = sum(split[:rank]), sum(split[:rank + 1])
+    runs = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        m = bt.SyncBatchNorm(C, momentum=0.3, dtype=dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        m(x[lo:hi])                                             # a first step: stats move
+        xl = x[lo:hi].clone().requires_grad_()
+        y = m(xl)
+        y.backward(dy[lo:hi])
+        runs.append((y.detach(), xl.grad, m.weight.grad, m.bias.grad, m.running_mean,
+                     m.running_var))
+        assert int(m.num_batches_tracked) == 2
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
+    y, dx, dw, db, rm, rv = runs[0]
+    if hi > lo:
+        assert y.is_contiguous(memory_format=CL[4] if layout == "cl" else
+                               torch.contiguous_format)
+    for t in (rm, rv):
+        _same_on_every_rank(t)
+    # the float64 truth: torch on the whole batch in one process
+    t = nn.BatchNorm2d(C, momentum=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        t.weight.copy_(w)
+        t.bias.copy_(b)
+    t(x.double())
+    x64 = x.detach().double().clone().requires_grad_()
+    t(x64).backward(dy.double())
+    y64 = F.batch_norm(x.double(), None, None, t.weight, t.bias, True)
+    assert_close(y, y64[lo:hi], dtype, scale=10)
+    assert_close(dx, x64.grad[lo:hi], dtype, scale=N)
+    assert_close(rm, t.running_mean, dtype)
+    assert_close(rv, t.running_var, dtype)
+    gw, gb = dw.clone(), db.clone()                           # DDP would sum these
+    dist.all_reduce(gw)
+    dist.all_reduce(gb)
+    assert_close(gw, t.weight.grad, dtype, scale=N * 15)
+    assert_close(gb, t.bias.grad, dtype, scale=N * 15)
+    # bit for bit: one process driving bncy's split-phase API over the same parts
+    parts = [x[sum(split[:r]):sum(split[:r + 1])] for r in range(len(split))]
+    rm0, rv0 = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    for _ in range(2):
+        total = bncy.merge_stats([bncy.batch_stats(p.numpy()) for p in parts])
+        ys, mean, invstd = bncy.apply_stats(x[lo:hi].numpy(), total, w.numpy(), b.numpy(),
+                                            running_mean=rm0.numpy(), running_var=rv0.numpy(),
+                                            momentum=0.3)
+    assert torch.equal(torch.from_numpy(ys), y)
+    assert torch.equal(rm0, rm) and torch.equal(rv0, rv)
+    dparts = [dy[sum(split[:r]):sum(split[:r + 1])] for r in range(len(split))]
+    sums = [bncy.grad_stats(d.numpy(), p.numpy(), mean) for d, p in zip(dparts, parts)]
+    dxs, _, _ = bncy.apply_grad(dy[lo:hi].numpy(), x[lo:hi].numpy(), mean, invstd,
+                                bncy.merge_grad_stats(sums), total.count, w.numpy())
+    assert torch.equal(torch.from_numpy(dxs), dx)
+    assert torch.equal(db, torch.from_numpy(sums[rank].sum_dy.astype(dxs.dtype)))
+
+
+def _sync_errors_raise_on_every_rank(rank):
+    """A bad input on one rank: the same exception on every rank, no hang; the next
+    step works."""
+    m = bt.SyncBatchNorm(3)
+    good = data((4, 3, 2, 2), torch.float32)
+    cases = [(TypeError, "rank 1: .*half", good.half() if rank == 1 else good),
+             (ValueError, "rank 0: expected 3 channels", good[:, :2] if rank == 0 else good),
+             (ValueError, "rank 1: expected at least 2D", good[0, 0, 0] if rank == 1 else good),
+             (ValueError, "more than 1 value per channel", good[:1, :, :1, :1]
+              if rank == 0 else good[:0])]
+    for kind, match, x in cases:
+        with pytest.raises(kind, match=match):
+            m(x)
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_var, torch.ones(3))
+    x = good.clone().requires_grad_()
+    m(x).sum().backward()
+    assert int(m.num_batches_tracked) == 1
+
+
+def _sync_ddp_trains_like_one_process(rank, world):
+    """convert_sync_batchnorm + DistributedDataParallel on halves of each batch:
+    the parameters after each SGD step are those of one process on whole batches."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double()
+    one = bt.convert(copy.deepcopy(base))
+    ddp = nn.parallel.DistributedDataParallel(bt.convert_sync_batchnorm(base))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (one, ddp)]
+    for step in range(2):
+        x = data((8, 3, 6, 6), seed=step)
+        for model, opt, batch in [(one, opts[0], x), (ddp, opts[1], x.chunk(world)[rank])]:
+            opt.zero_grad()
+            model(batch).square().mean().backward()
+            opt.step()
+        for p, q in zip(one.state_dict().values(), ddp.module.state_dict().values()):
+            torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+

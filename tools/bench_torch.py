@@ -1,0 +1,248 @@
+"""bncy.torch against PyTorch's own batch norm, as a PyTorch user calls them.
+
+    python tools/bench_torch.py                     # the shapes below, 1 and 2 threads
+    python tools/bench_torch.py --quick             # (64, 256) only
+    python tools/bench_torch.py --resnet            # also a ResNet-18 training step
+    python tools/bench_torch.py --json out.json
+
+Per case and thread count, in one process, the calls of both libraries are
+interleaved (one of each per round) and the median of the rounds is reported:
+
+* forward: a training-mode call with running statistics, under torch.no_grad();
+* backward: the backward of one graph, replayed (retain_graph=True) for
+  dx, dweight and dbias;
+* fwd+bwd: a fresh training step, y = bn(x) then torch.autograd.grad(y, (x, w, b), dy);
+* numpy: bncy.forward / bncy.backward on NumPy views of the same memory: what
+  bncy.torch adds over bncy itself is the difference.
+
+bncy.torch is ``bncy.torch.batch_norm`` (the eager path); torch is
+``torch.nn.functional.batch_norm``. Outputs are new tensors on every call, as in
+training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bncy
+import bncy.torch as bt
+
+SHAPES = [
+    ("(64, 256)", (64, 256), False, torch.float32),
+    ("(64, 256)", (64, 256), False, torch.float64),
+    ("NCHW (32, 64, 56, 56)", (32, 64, 56, 56), False, torch.float32),
+    ("NCHW (32, 64, 56, 56)", (32, 64, 56, 56), False, torch.float64),
+    ("channels_last (32, 64, 56, 56)", (32, 64, 56, 56), True, torch.float32),
+    ("(65536, 512)", (65536, 512), False, torch.float32),
+]
+
+
+def _rounds(fns: dict, repeats: int, budget: float) -> dict:
+    """Median seconds of each function, called in turn once per round (after one
+    warm-up round), for up to ``repeats`` rounds or ``budget`` seconds. The order
+    rotates from round to round, so that no function always runs after the same
+    one (whose data may still be in cache)."""
+    for f in fns.values():
+        f()
+    items = list(fns.items())
+    times = {k: [] for k in fns}
+    end = time.perf_counter() + budget
+    for r in range(repeats):
+        for k, f in items[r % len(items):] + items[:r % len(items)]:
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+        if r >= 4 and time.perf_counter() > end:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _case(shape, channels_last, dtype):
+    """The calls to time for one case: {name: callable}."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype) + 3
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    C = shape[1]
+    w = torch.ones(C, dtype=dtype, requires_grad=True)
+    b = torch.zeros(C, dtype=dtype, requires_grad=True)
+    rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    xg = x.clone().requires_grad_()
+    graphs = {name: fn(xg, rm.clone(), rv.clone(), w, b, True)
+              for name, fn in (("bncy.torch", bt.batch_norm), ("torch", F.batch_norm))}
+    xn, dyn = x.numpy(), dy.numpy()
+    wn, bn_, rmn, rvn = (t.detach().numpy() for t in (w, b, rm, rv))
+    _, mean, invstd = bncy.forward(xn, wn, bn_)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, rm, rv, w, b, True)
+        return run
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(xg, rm, rv, w, b, True), (xg, w, b), dy)
+
+    def backward(name):
+        return lambda: torch.autograd.grad(graphs[name], (xg, w, b), dy, retain_graph=True)
+
+    nt = torch.get_num_threads
+
+    def numpy_step():
+        _, m, s = bncy.forward(xn, wn, bn_, running_mean=rmn, running_var=rvn, n_threads=nt())
+        bncy.backward(dyn, xn, m, s, wn, n_threads=nt())
+
+    return {
+        ("forward", "bncy.torch"): forward(bt.batch_norm),
+        ("forward", "torch"): forward(F.batch_norm),
+        ("forward", "numpy"): lambda: bncy.forward(xn, wn, bn_, running_mean=rmn,
+                                                   running_var=rvn, n_threads=nt()),
+        ("backward", "bncy.torch"): backward("bncy.torch"),
+        ("backward", "torch"): backward("torch"),
+        ("backward", "numpy"): lambda: bncy.backward(dyn, xn, mean, invstd, wn,
+                                                     n_threads=nt()),
+        ("fwd+bwd", "bncy.torch"): step(bt.batch_norm),
+        ("fwd+bwd", "torch"): step(F.batch_norm),
+        ("fwd+bwd", "numpy"): lambda: numpy_step(),
+    }
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def run_ops(threads, shapes, repeats, budget):
+    rows = []
+    for nt in threads:
+        torch.set_num_threads(nt)
+        for label, shape, cl, dtype in shapes:
+            calls = _case(shape, cl, dtype)
+            t = _rounds(calls, repeats, budget)
+            for op in ("forward", "backward", "fwd+bwd"):
+                rows.append({"case": label, "dtype": str(dtype).removeprefix("torch."),
+                             "op": op, "threads": nt, "bncy_torch_s": t[(op, "bncy.torch")],
+                             "torch_s": t[(op, "torch")], "numpy_s": t.get((op, "numpy"))})
+            del calls
+    return rows
+
+
+def print_ops(rows):
+    print(f"{'case':32s} {'dtype':8s} {'op':9s} {'thr':>3s} {'bncy.torch':>11s} "
+          f"{'torch':>10s} {'vs torch':>9s} {'numpy':>10s} {'over numpy':>11s}")
+    for r in rows:
+        numpy = r["numpy_s"]
+        over = "-" if numpy is None else f"{(r['bncy_torch_s'] - numpy) * 1e6:+.1f} us"
+        print(f"{r['case']:32s} {r['dtype']:8s} {r['op']:9s} {r['threads']:>3d} "
+              f"{_fmt(r['bncy_torch_s']):>11s} {_fmt(r['torch_s']):>10s} "
+              f"{r['torch_s'] / r['bncy_torch_s']:>8.2f}x "
+              f"{'-' if numpy is None else _fmt(numpy):>10s} {over:>11s}")
+
+
+# ---------------------------------------------------------------------------
+# A ResNet-18 training step (torchvision's layout, defined here)
+# ---------------------------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet18(classes=1000):
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for i, stride in enumerate((1, 2, 2, 2)):
+        cout = 64 << i
+        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def run_resnet(threads, repeats, budget, batch=16, size=112, channels_last=False):
+    """Seconds per SGD step (forward, cross-entropy, backward, update), torch's batch
+    norm against bncy.convert'ed, interleaved."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = {"torch": resnet18().to(memory_format=fmt)}
+    models["bncy.torch"] = bt.convert(resnet18().to(memory_format=fmt))
+    models["bncy.torch"].load_state_dict(models["torch"].state_dict())
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,))
+    rows = []
+    for nt in threads:
+        torch.set_num_threads(nt)
+        steps = {}
+        for name, m in models.items():
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(m=m, opt=opt):
+                opt.zero_grad()
+                F.cross_entropy(m(x), target).backward()
+                opt.step()
+            steps[name] = step
+        t = _rounds(steps, repeats, budget)
+        rows.append({"case": f"ResNet-18 step, batch {batch}, {size}x{size}"
+                     + (", channels_last" if channels_last else ""), "threads": nt,
+                     "bncy_torch_s": t["bncy.torch"], "torch_s": t["torch"]})
+    return rows
+
+
+def print_resnet(rows):
+    for r in rows:
+        print(f"{r['case']:48s} thr {r['threads']}: bncy.torch {_fmt(r['bncy_torch_s'])}, "
+              f"torch {_fmt(r['torch_s'])}, {r['torch_s'] / r['bncy_torch_s']:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeats", type=int, default=41, help="rounds per case (at most)")
+    ap.add_argument("--budget", type=float, default=6.0, help="seconds per case (at most)")
+    ap.add_argument("--quick", action="store_true", help="(64, 256) only")
+    ap.add_argument("--resnet", action="store_true", help="also a ResNet-18 training step")
+    ap.add_argument("--resnet-only", action="store_true")
+    ap.add_argument("--json", help="write the rows to this file")
+    args = ap.parse_args(argv)
+    threads = [int(v) for v in args.threads.split(",")]
+    print(f"bncy {bncy.__version__} (isa {bncy.isa()}, OpenMP {bncy.openmp_enabled()}), "
+          f"torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}; medians of interleaved rounds")
+    out = {}
+    if not args.resnet_only:
+        shapes = SHAPES[:2] if args.quick else SHAPES
+        out["ops"] = run_ops(threads, shapes, args.repeats, args.budget)
+        print_ops(out["ops"])
+    if args.resnet or args.resnet_only:
+        out["resnet"] = run_resnet(threads, min(args.repeats, 11), 4 * args.budget)
+        print_resnet(out["resnet"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
