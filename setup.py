@@ -8,8 +8,8 @@ every build rounding the same way whether or not the target has FMA.
 No ``-march=native`` and no ``-ffast-math``: wheels must run on any x86-64 and
 NaN/inf must propagate.
 
-On x86-64 the same kernels are compiled twice more: with ``-mavx2``
-(``bncy._kernels_avx2``) and for AVX-512 with 512-bit vectors
+On x86-64 the same kernels are compiled twice more: with ``-mavx2 -mf16c``
+(``bncy._kernels_avx2``; F16C converts float16) and for AVX-512 with 512-bit vectors
 (``bncy._kernels_avx512``); ``bncy._api`` uses them when the CPU has the
 instructions. All perform the same IEEE operations in the same order, so results
 are identical.
@@ -99,11 +99,11 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             isa = []
             if ext.name.endswith("_avx2"):
-                isa = ["/arch:AVX2"] if cc.compiler_type == "msvc" else ["-mavx2"]
+                isa = ["/arch:AVX2"] if cc.compiler_type == "msvc" else ["-mavx2", "-mf16c"]
             elif ext.name.endswith("_avx512"):
                 isa = (["/arch:AVX512"] if cc.compiler_type == "msvc" else
                        ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq",
-                        "-mavx512vl", "-mprefer-vector-width=512"])
+                        "-mavx512vl", "-mf16c", "-mprefer-vector-width=512"])
             ext.extra_compile_args = opt + isa + omp_c
             ext.extra_link_args = omp_l
         super().build_extensions()

@@ -62,7 +62,7 @@ def _build_for(dtype: np.dtype, nbytes: int):
     ran faster with them), but float64 passes that stream from memory ran slower
     than with AVX2, so float64 arrays beyond wide_f64_bytes stay on the AVX2
     build. Every build computes the same bits."""
-    if dtype == _F32 or nbytes <= WIDE_F64_BYTES:
+    if dtype.itemsize <= 4 or nbytes <= WIDE_F64_BYTES:
         return _kernels_wide
     return _kernels
 
@@ -108,7 +108,28 @@ __all__ = [
 ]
 
 _F32 = np.dtype(np.float32)
+_F16 = np.dtype(np.float16)
 _FLOATS = (_F32, np.dtype(np.float64))
+_DTYPES = "float32, float64, float16 and bfloat16"
+
+
+def _supported(dt: np.dtype) -> bool:
+    """float32, float64, float16, or bfloat16 (ml_dtypes' dtype, known by its name
+    so that ml_dtypes is never imported here)."""
+    return dt in _FLOATS or dt == _F16 or (dt.name == "bfloat16" and dt.itemsize == 2)
+
+
+def _bits(a):
+    """An array as the kernels take it: float16 as its bits in uint16, bfloat16 in
+    int16 (bfloat16 cannot cross the buffer protocol); others as they are."""
+    if a is None or a.itemsize != 2:
+        return a
+    return a.view(np.uint16 if a.dtype == _F16 else np.int16)
+
+
+def _grad_dtype(dt: np.dtype) -> np.dtype:
+    """dgamma's and dbeta's dtype: x's, float32 for 16-bit x (PyTorch's mixed type)."""
+    return _F32 if dt.itemsize == 2 else dt
 
 
 def openmp_enabled() -> bool:
@@ -139,8 +160,8 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     ``fused`` key naming its loops, and ``fused`` gives the options.
     """
     dt = np.dtype(dtype)
-    if dt not in _FLOATS:
-        raise TypeError(f"bncy: dtype {dt}; supported dtypes are float32 and float64")
+    if not _supported(dt):
+        raise TypeError(f"bncy: dtype {dt}; supported dtypes are {_DTYPES}")
     shape = tuple(operator.index(n) for n in shape)
     if len(shape) < 2 or min(shape) < 0:
         raise ValueError(f"bncy: shape must have at least 2 dimensions >= 0, got {shape}")
@@ -261,10 +282,8 @@ set_knobs(**{**_knobs.derive(_CACHES),
 
 def _as_float_array(a, name: str) -> np.ndarray:
     arr = a if type(a) is np.ndarray else np.asarray(a)
-    if arr.dtype not in _FLOATS:
-        raise TypeError(
-            f"bncy: {name} has dtype {arr.dtype}; supported dtypes are float32 and float64"
-        )
+    if arr.dtype not in _FLOATS and not _supported(arr.dtype):
+        raise TypeError(f"bncy: {name} has dtype {arr.dtype}; supported dtypes are {_DTYPES}")
     return arr
 
 
@@ -295,8 +314,12 @@ def _check_vector(v, name: str, C: int, *, writeable: bool = False):
     arr = _as_float_array(v, name)
     if arr.shape != (C,):
         raise ValueError(f"bncy: {name} must have shape ({C},), got {arr.shape}")
-    if writeable and not (type(v) is np.ndarray and v.flags.writeable):
-        raise ValueError(f"bncy: {name} must be a writeable ndarray (it is updated in place)")
+    if writeable:
+        if arr.dtype not in _FLOATS:
+            raise TypeError(f"bncy: {name} has dtype {arr.dtype}; running statistics "
+                            f"are float32 or float64")
+        if not (type(v) is np.ndarray and v.flags.writeable):
+            raise ValueError(f"bncy: {name} must be a writeable ndarray (it is updated in place)")
     return arr
 
 
@@ -583,7 +606,7 @@ def _local_moments(p: _TrainPlan):
     """(count, mean, m2) of the plan's x: the moments kernel."""
     mean, m2 = np.zeros(p.C), np.zeros(p.C)
     if p.x3.size:
-        p.k.moments(p.x3, mean, m2, p.nt)
+        p.k.moments(_bits(p.x3), mean, m2, p.nt)
     return p.count, mean, m2
 
 
@@ -593,7 +616,8 @@ def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
     underflowed are recomputed scaled first (_rescue_extreme_channels)."""
     C = p.C
     var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
-    if p.k.apply_train(p.x3, p.res3, p.relu, float(count), mean, m2, p.gamma, p.shift, p.eps, p.y3, var,
+    if p.k.apply_train(_bits(p.x3), _bits(p.res3), p.relu, float(count), mean, m2, p.gamma,
+                       p.shift, p.eps, _bits(p.y3), var,
                        invstd, scale, p.running_mean, p.running_var, p.momentum, rescue,
                        p.nt):
         _finish_rescued(p, count, mean, m2, var, invstd, scale)
@@ -603,7 +627,8 @@ def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
 def _finish_rescued(p: _TrainPlan, count: int, mean, m2, var, invstd, scale) -> None:
     """The apply job's second half, after the scaled recomputation."""
     _rescue_extreme_channels(p.x3, mean, m2, var, invstd, scale, p.gamma, count, p.eps)
-    p.k.finish_train(p.x3, p.res3, p.relu, float(count), mean, m2, scale, p.shift, p.y3, p.running_mean,
+    p.k.finish_train(_bits(p.x3), _bits(p.res3), p.relu, float(count), mean, m2, scale, p.shift,
+                     _bits(p.y3), p.running_mean,
                      p.running_var, p.momentum, p.nt)
 
 
@@ -679,7 +704,8 @@ def _local_grad_sums(p: _GradPlan):
         scale = None
         if p.relu:   # the forward's scale, bit for bit (see _train_coefficients)
             scale = p.invstd * p.gamma if p.gamma is not None else p.invstd
-        p.k.grad_sums(p.dy3, p.x3, p.mean, sdy, sdyx, p.nt, p.res3, p.relu, scale, p.shift)
+        p.k.grad_sums(_bits(p.dy3), _bits(p.x3), p.mean, sdy, sdyx, p.nt, _bits(p.res3), p.relu,
+                      scale, p.shift)
     return sdy, sdyx
 
 
@@ -688,10 +714,11 @@ def _apply_grad(p: _GradPlan, sdy, sdyx, count: int, *, batch_stats: bool = True
     batch_stats=False: mean and invstd are constants (an eval-mode pass), so
     dx = gamma * invstd * dy."""
     dgamma = np.empty(p.C)
-    p.k.apply_grad(p.dy3, p.x3, p.res3, p.relu, p.mean, p.invstd, p.gamma, p.shift, sdy,
-                   sdyx, float(count), batch_stats, p.y3, p.dres3, dgamma, p.nt)
-    out = (p.result, dgamma.astype(p.dtype, copy=False),
-           np.asarray(sdy).astype(p.dtype, copy=False))
+    p.k.apply_grad(_bits(p.dy3), _bits(p.x3), _bits(p.res3), p.relu, p.mean, p.invstd, p.gamma,
+                   p.shift, sdy, sdyx, float(count), batch_stats, _bits(p.y3), _bits(p.dres3),
+                   dgamma, p.nt)
+    gt = _grad_dtype(p.dtype)
+    out = (p.result, dgamma.astype(gt, copy=False), np.asarray(sdy).astype(gt, copy=False))
     return out if p.dres_result is None else (*out, _finish_dres(p))
 
 
@@ -709,17 +736,19 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
 
     Parameters
     ----------
-    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k), float32 or float64
-        The batch. Statistics are taken per channel (along ``axis``) over every
-        other axis. Read-only arrays and any memory layout are accepted.
+    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k)
+        The batch: float32, float64, float16 or bfloat16 (``ml_dtypes``). Statistics
+        are taken per channel (along ``axis``) over every other axis, in float64.
+        Read-only arrays and any memory layout are accepted.
     gamma, beta : ndarray of shape (C,), optional
-        Per-channel scale and shift (float32 or float64). None means 1 and 0.
+        Per-channel scale and shift (any of those dtypes). None means 1 and 0.
     eps : float, default 1e-5
         Added to the variance before the square root; finite and >= 0.
     axis : int, default 1
         The channel axis; negative values count from the end.
     running_mean, running_var : ndarray of shape (C,), optional
-        Running statistics, updated in place (both or neither), PyTorch's way:
+        Running statistics (float32 or float64), updated in place (both or
+        neither), PyTorch's way:
         ``r = (1 - momentum) * r + momentum * s`` with the batch mean and the
         unbiased batch variance (``var * n / (n - 1)``).
     momentum : float, default 0.1
@@ -750,7 +779,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     Raises
     ------
     TypeError
-        A dtype other than float32/float64, or an argument of the wrong kind.
+        An unsupported dtype, or an argument of the wrong kind.
     ValueError
         A wrong shape, axis, size or parameter, fewer than 2 values per channel,
         or an unusable ``out``. Nothing is written when an exception is raised.
@@ -768,7 +797,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     mean, m2, var, invstd, scale = (np.empty(C), np.empty(C), np.empty(C), np.empty(C),
                                     np.empty(C))
     # the forward job: moments, then the apply job (as batch_stats + apply_stats)
-    if p.k.forward_train(p.x3, p.res3, p.relu, p.gamma, p.shift, p.eps, p.y3, mean, m2, var, invstd,
+    if p.k.forward_train(_bits(p.x3), _bits(p.res3), p.relu, p.gamma, p.shift, p.eps, _bits(p.y3),
+                         mean, m2, var, invstd,
                          scale, p.running_mean, p.running_var, p.momentum, p.nt):
         _finish_rescued(p, p.count, mean, m2, var, invstd, scale)  # a channel to rescue
     return p.result, mean, invstd
@@ -783,8 +813,8 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
 
     Parameters
     ----------
-    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k), float32 or float64
-        The input; any layout.
+    x : ndarray of shape (n_0, ..., n_axis = C, ..., n_k)
+        The input (float32, float64, float16 or bfloat16); any layout.
     running_mean, running_var : ndarray of shape (C,)
         The statistics to normalise with (float32 or float64); not modified.
     gamma, beta : ndarray of shape (C,), optional
@@ -831,8 +861,8 @@ def inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
     p.eps = _check_eps(eps)
     p.nt = _resolve_threads(n_threads, x.size)
     _layout(p, x, ax, out, res=p.res3)
-    p.k.inference_train(p.x3, p.res3, p.relu, p.running_mean, p.running_var, p.gamma, p.beta, p.eps, p.y3,
-                        p.nt)
+    p.k.inference_train(_bits(p.x3), _bits(p.res3), p.relu, p.running_mean, p.running_var, p.gamma,
+                        p.beta, p.eps, _bits(p.y3), p.nt)
     return p.result
 
 
@@ -854,7 +884,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     ----------
     dy : ndarray of x's shape, x's dtype
         Gradient of the loss with respect to y.
-    x : ndarray, float32 or float64
+    x : ndarray, float32, float64, float16 or bfloat16
         The input of the forward pass.
     mean, invstd : ndarray of shape (C,), float32 or float64
         As returned by :func:`forward`.
@@ -884,7 +914,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     -------
     dx : ndarray of x's shape and dtype
         ``out`` or a new array, as in :func:`forward`.
-    dgamma, dbeta : ndarray of shape (C,), x's dtype
+    dgamma, dbeta : ndarray of shape (C,), x's dtype (float32 for 16-bit x)
     dresidual : ndarray of x's shape and dtype, only when ``residual`` is given
         The masked dy (``residual_out`` or a new array); without an activation
         it is dy (dy itself unless ``out`` or ``residual_out`` needed a copy).
@@ -905,9 +935,10 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                    residual=residual, activation=activation, residual_out=residual_out)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
     # the backward job: gradient sums, then the gradient apply job
-    p.k.backward_train(p.dy3, p.x3, p.res3, p.relu, p.mean, p.invstd, p.gamma, p.shift,
-                       p.y3, p.dres3, sdy, dgamma, p.nt)
-    out = (p.result, dgamma.astype(p.dtype, copy=False), sdy.astype(p.dtype, copy=False))
+    p.k.backward_train(_bits(p.dy3), _bits(p.x3), _bits(p.res3), p.relu, p.mean, p.invstd, p.gamma,
+                       p.shift, _bits(p.y3), _bits(p.dres3), sdy, dgamma, p.nt)
+    gt = _grad_dtype(p.dtype)
+    out = (p.result, dgamma.astype(gt, copy=False), sdy.astype(gt, copy=False))
     return out if p.dres_result is None else (*out, _finish_dres(p))
 
 

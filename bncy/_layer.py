@@ -31,7 +31,9 @@ class BatchNorm:
     axis : int, default 1
         The channel axis of the inputs (1 for (N, C) and NCHW, -1 for NHWC).
     dtype : float32 or float64, default float32
-        dtype of gamma, beta and the running statistics.
+        dtype of gamma, beta and the running statistics. The inputs may be
+        float32, float64, float16 or bfloat16 whatever it is (a float32 layer on
+        16-bit activations is mixed precision's usual arrangement).
     n_threads : int, optional
         OpenMP threads for every call; None uses OpenMP's default.
     activation : None or "relu", default None

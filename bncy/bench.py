@@ -82,11 +82,20 @@ def bound_seconds(op: str, nbytes: int, bw: dict) -> float:
     return 3 * nbytes / W + (0 if cached else 2 * nbytes / R)
 
 
+def _as_torch(torch, a):
+    """A zero-copy tensor of a (bfloat16 through its int16 bits: NumPy's bfloat16
+    has no torch counterpart to convert from)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _torch_tensors(torch, x, dy, axis):
+    tx, tdy = _as_torch(torch, x), _as_torch(torch, dy)
     if axis == -1 and x.ndim > 2:   # the NCHW view of NHWC memory: channels_last
         perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
-        return torch.from_numpy(x).permute(*perm), torch.from_numpy(dy).permute(*perm)
-    return torch.from_numpy(x), torch.from_numpy(dy)
+        return tx.permute(*perm), tdy.permute(*perm)
+    return tx, tdy
 
 
 def _aten_case(torch, tx, tdy, C, wrap=lambda f: f, prealloc=False):
@@ -331,6 +340,35 @@ def plot(rows, bws, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_dtype(name: str) -> np.dtype:
+    """float32, float64, float16, or bfloat16 (which needs ml_dtypes: pip install
+    bncy[bf16])."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError("bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+
+
+def half_summary(rows) -> str:
+    """Each 16-bit row's time over bncy's own float32 time on the same case, op
+    and thread count (the 16-bit issue's first target)."""
+    f32 = {(r["case"], r["op"], r["threads"]): r["bncy_s"] for r in rows
+           if r["dtype"] == "float32"}
+    out = []
+    for r in rows:
+        key = (r["case"], r["op"], r["threads"])
+        if r["dtype"] in ("float16", "bfloat16") and key in f32:
+            out.append(f"{r['case']:24s} {r['dtype']:8s} {r['op']:10s} {r['threads']:3d} "
+                       f"{r['bncy_s'] / f32[key]:.2f}x bncy float32's time")
+    return "\n".join(out)
+
+
 def parse_shape(spec: str):
     """'256x512x7x7' or '256x7x7x512:-1' as a (label, shape, axis) case of the
     matrix: the channel axis is 1 (NCHW, (M, D)) or, after the colon, -1 (channels
@@ -355,7 +393,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (1,2)")
     p.add_argument("--quick", action="store_true", help="a small subset, well under a minute")
-    p.add_argument("--dtypes", default="float32,float64")
+    p.add_argument("--dtypes", default="float32,float64",
+                   help="comma-separated: float32, float64, float16, bfloat16 (ml_dtypes)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--budget", type=float, default=1.5, help="seconds per timing at most")
     p.add_argument("--no-reference", action="store_true")
@@ -380,7 +419,10 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
-    dtypes = [np.dtype(d) for d in args.dtypes.split(",")]
+    try:
+        dtypes = [parse_dtype(d) for d in args.dtypes.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shape:
         try:
@@ -411,6 +453,9 @@ def main(argv=None) -> int:
           + (f"; fused: activation={args.activation}, residual={args.residual}"
              if args.activation or args.residual else ""))
     print(table(rows, bws, peers))
+    halves = half_summary(rows)
+    if halves:
+        print("\n16-bit storage against bncy's own float32:\n" + halves)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bandwidth_gbs": bws, "rows": rows, "machine": platform.machine(),

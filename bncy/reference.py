@@ -1,8 +1,9 @@
 """Pure-NumPy batch normalization: the oracle of the tests and the speed baseline.
 
 Same signatures as :func:`bncy.forward`, :func:`bncy.backward` and
-:func:`bncy.inference`; everything is computed in float64 and cast to x's dtype
-at the end. Written to be read beside ``docs/derivation.md``: each line is one
+:func:`bncy.inference`; everything is computed in float64 and rounded once to x's
+dtype at the end (float16 and bfloat16 too; dgamma and dbeta are float32 for
+those). Written to be read beside ``docs/derivation.md``: each line is one
 equation there. ``out`` is honoured; ``n_threads`` is accepted and ignored.
 It validates only what it needs to compute; the error contract is bncy's.
 
@@ -42,10 +43,41 @@ def _activate(y, x, axis, residual, activation):
     return y
 
 
+def _round(value, dtype) -> np.ndarray:
+    """float64 values rounded once, to nearest even, to dtype. NumPy's float16
+    cast does that; ml_dtypes' bfloat16 cast goes through float32 (two roundings),
+    so bfloat16 takes the nearest of that result and its two neighbours."""
+    dtype = np.dtype(dtype)
+    if dtype.name != "bfloat16":
+        with np.errstate(over="ignore"):        # overflow to inf is the rounding
+            return np.asarray(value).astype(dtype)
+    v = np.asarray(value, dtype=np.float64)
+    a = np.abs(v)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = a.astype(dtype).view(np.uint16).astype(np.int32)       # magnitude bits
+        best, err = m, np.abs(a - m.astype(np.uint16).view(dtype).astype(np.float64))
+        for n in (m - 1, m + 1):
+            n = np.clip(n, 0, 0x7F80)
+            e = np.abs(a - n.astype(np.uint16).view(dtype).astype(np.float64))
+            take = (e < err) | ((e == err) & (n % 2 == 0) & (best % 2 == 1))
+            best, err = np.where(take, n, best), np.where(take, e, err)
+        # at or beyond max + half a unit, (2 - 2**-8) * 2**127: inf
+        best = np.where(a >= (2 - 2.0**-8) * 2.0**127, 0x7F80, best)
+        bits = (best | np.where(np.signbit(v), 0x8000, 0)).astype(np.uint16)
+        out = bits.view(dtype)
+        return np.where(np.isnan(v), v.astype(dtype), out)
+
+
+def _grad_dtype(dtype) -> np.dtype:
+    """dgamma's and dbeta's dtype: x's, float32 for 16-bit x."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 def _emit(value: np.ndarray, dtype, out):
     if out is None:
-        return value.astype(dtype)
-    out[...] = value
+        return _round(value, dtype)
+    out[...] = _round(value, out.dtype)
     return out
 
 
@@ -99,7 +131,7 @@ def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=Non
             xhat = ((x.astype(np.float64) - np.asarray(mean, np.float64).reshape(bshape))
                     * np.asarray(invstd, np.float64).reshape(bshape))
             y = _per_channel(gamma, bshape, 1.0) * xhat + _per_channel(beta, bshape, 0.0)
-            y = _activate(y, x, axis, residual, activation).astype(x.dtype)
+            y = _round(_activate(y, x, axis, residual, activation), x.dtype)
             dy = np.where(y > 0, dy, 0).astype(x.dtype)
         res = backward(dy, x, mean, invstd, gamma, axis=axis, out=out)
         if residual is None:
@@ -116,7 +148,8 @@ def backward(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=Non
     sum_g = g.sum(axis=reduce).reshape(bshape)
     sum_gx = (g * xhat).sum(axis=reduce).reshape(bshape)
     dx = s / M * (M * g - sum_g - xhat * sum_gx)               # (12) the closed form
-    return _emit(dx, x.dtype, out), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    gt = _grad_dtype(x.dtype)
+    return _emit(dx, x.dtype, out), dgamma.astype(gt), dbeta.astype(gt)
 
 
 def backward_staged(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_threads=None):
@@ -141,4 +174,5 @@ def backward_staged(dy, x, mean, invstd, gamma=None, *, axis=1, out=None, n_thre
     dx = dxhat * s + dvar * 2.0 * xc / M + dmu / M             # (11)
     dgamma = (DY * xhat).sum(axis=reduce)
     dbeta = DY.sum(axis=reduce)
-    return _emit(dx, x.dtype, out), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    gt = _grad_dtype(x.dtype)
+    return _emit(dx, x.dtype, out), dgamma.astype(gt), dbeta.astype(gt)

@@ -13,6 +13,11 @@ settings.register_profile("dev", max_examples=60, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 DTYPES = [np.float32, np.float64]
+try:   # bfloat16 comes from ml_dtypes (the test extra); float16 is NumPy's
+    import ml_dtypes
+    HALF = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+except ImportError:
+    HALF = [np.dtype(np.float16)]
 
 # (shape, axis): every schedule and edge of the blocking (see bncy/kernels/common.pxi):
 # rows (elementwise passes for S < 32; statistics also for longer runs when N >= S/8:

@@ -150,3 +150,41 @@ def test_fused_cases_compute_what_they_time():
     (tdx, _, _), tdr = tc["backward"]()
     np.testing.assert_allclose(tdx.numpy(), dx, rtol=1e-8, atol=1e-8)
     np.testing.assert_array_equal(tdr.numpy(), dr)
+
+
+def test_half_dtypes_run_against_torch_and_own_float32(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("ml_dtypes")
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--threads", "1", "--dtypes", "float32,float16,bfloat16",
+                       "--shape", "64x8x3x3", "--shape", "64x3x3x8:-1",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "16-bit storage against bncy's own float32" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "float16", "bfloat16"}
+    assert all(r["bncy_s"] > 0 and r["reference_s"] > 0 for r in rows)
+    assert all(r["torch_s"] is None or r["torch_s"] > 0 for r in rows)
+
+
+def test_unknown_dtype_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--dtypes", "float8"])
+    assert "unknown dtype" in capsys.readouterr().err
+
+
+def test_torch_half_peer_computes_batch_norm():
+    """The torch peer's 16-bit tensors are views of the same arrays: its forward
+    agrees with bncy's within the storage type's rounding."""
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import bncy
+
+    rng = np.random.default_rng(2)
+    for dt in (np.float16, ml_dtypes.bfloat16):
+        x, dy = (rng.standard_normal((16, 4, 5, 5)).astype(dt) for _ in range(2))
+        case = bench._torch_case(torch, x, dy, 1, 4)
+        y = case["forward"]()[0]
+        want = bncy.forward(x)[0].astype(np.float64)
+        np.testing.assert_allclose(y.double().numpy(), want, rtol=2e-2, atol=2e-2)

@@ -136,7 +136,7 @@ def test_bad_input_raises_and_touches_nothing(desc, exc, call):
 
 
 def test_messages_name_the_problem():
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float32, float64, float16 and bfloat16"):
         bncy.forward(np.ones((3, 2), np.int32))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bncy.forward(np.ones((1, 2)))

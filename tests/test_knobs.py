@@ -11,7 +11,7 @@ import pytest
 
 import bncy
 from bncy import _knobs
-from conftest import make
+from conftest import HALF, make
 
 # Each setting drives small arrays down one family of variants (describe() below
 # checks that they do).
@@ -55,7 +55,7 @@ def _outputs(x, dy, axis, nt):
 
 
 @pytest.mark.parametrize("nt", [1, 2])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, *HALF], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", SHAPES, ids=lambda c: "x".join(map(str, c[0])))
 def test_no_knob_changes_a_bit(case, dtype, nt, knobs):
     shape, axis = case
@@ -123,7 +123,7 @@ def test_describe_at_the_default_knobs():
 
 
 def test_describe_and_set_knobs_check_their_arguments(knobs):
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float32, float64, float16 and bfloat16"):
         bncy.describe((4, 3), np.int32)
     with pytest.raises(ValueError, match="out of range"):
         bncy.describe((4, 3), np.float32, axis=2)

@@ -1,6 +1,6 @@
 # The kernels of bncy, compiled three times: bncy/_kernels.pyx (baseline ISA),
-# bncy/_kernels_avx2.pyx (-mavx2) and bncy/_kernels_avx512.pyx (AVX-512 with
-# 512-bit vectors) on x86-64; bncy._api picks per call among those the CPU runs.
+# bncy/_kernels_avx2.pyx (-mavx2 -mf16c) and bncy/_kernels_avx512.pyx (AVX-512
+# and F16C, 512-bit vectors) on x86-64; bncy._api picks per call among those the CPU runs.
 # All run the same IEEE operations in the same order (no FMA contraction:
 # -ffp-contract=off), so their results are bitwise identical; only the vector
 # width differs.
@@ -82,6 +82,16 @@
 # formula, which is exact for unequal counts. The elementwise passes compute
 # (x - center) in float64 and round once when storing.
 #
+# Storage. x, dy, y and dx are float32, float64, float16 or bfloat16 (the last two
+# as their bits, see _ld and _st). 16-bit values widen exactly to float32, and the
+# 16-bit statistics take float32's schedule and code: they equal float32's on the
+# widened values, bit for bit. Their elementwise passes go PIECE16 values at a
+# time through stack buffers (_affine_run16, _gi_run16): loads widened by
+# _widen, float64 values rounded once by _narrow (F16C where the build has it,
+# the same bits as the portable arithmetic); their planes statistics widen each
+# segment first. gcc vectorised the per-value conversions (_ld, _st) poorly when
+# inlined into the arithmetic loops (docs/tuning.md).
+#
 # Reproducibility. The bounds of row blocks and segments depend on the shape
 # only, never on the thread count (column tiles may, see _red_tile and
 # _row_tile, but each column sums the same rows in the same order whatever its
@@ -125,6 +135,7 @@ cdef enum:
     MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     PIECE = 64           # columns (values) per prefetch hint step
+    PIECE16 = 256        # values per staged piece of a 16-bit elementwise pass
     PAD = 24             # doubles between expanded coefficient vectors: vectors
                          # 4 KiB apart alias in L1
 
@@ -138,14 +149,14 @@ cdef extern from *:
     #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     static int bncy_cpu_has_avx2(void) {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
     }
     /* libgcc also checks that the OS saves the zmm registers (XGETBV) */
     static int bncy_cpu_has_avx512(void) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
             && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
-            && __builtin_cpu_supports("avx512vl");
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
     }
     #else
     static int bncy_cpu_has_avx2(void) { return 0; }
@@ -165,12 +176,12 @@ cdef extern from *:
 
 
 def cpu_has_avx2():
-    """True when this CPU (and OS) supports AVX2."""
+    """True when this CPU (and OS) supports AVX2 and F16C."""
     return bool(bncy_cpu_has_avx2())
 
 
 def cpu_has_avx512():
-    """True when this CPU (and OS) supports AVX-512 F, CD, BW, DQ and VL."""
+    """True when this CPU (and OS) supports AVX-512 F, CD, BW, DQ and VL, and F16C."""
     return bool(bncy_cpu_has_avx512())
 
 
@@ -245,22 +256,230 @@ cdef extern from *:
     double bncy_select(bint keep, double g) noexcept nogil
 
 
-cdef inline double _masked(bint keep, floating g) noexcept nogil:
-    # g where keep, else +0.0: bncy_select's bit mask for float32, where the
-    # conversion to float64 would sit in the branch; a select for float64, which
-    # has none (gcc left the float64 residual loops scalar with the bit mask).
-    if floating is float:
-        return bncy_select(keep, g)
-    return g if keep else 0.0
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #include <math.h>
+    /* 16-bit storage. float16 and bfloat16 values travel as their bit patterns
+       (uint16 and int16: NumPy cannot pass bfloat16 through the buffer
+       protocol). Loads widen exactly. Stores round the float64 value once, to
+       nearest even, in two steps: first to odd at P significant bits (P = 13
+       for float16, 10 for bfloat16: the bits below are dropped and the lowest
+       kept one set when any was nonzero), a value float32 holds exactly; then
+       float32 to the target, to nearest even. Rounding to odd with at least 2
+       more bits than the target makes the second rounding the correctly
+       rounded one (Boldo and Melquiond), subnormals and overflow included.
+       Branch-free integer and float arithmetic that gcc vectorises on every
+       ISA; every build computes the same bits. */
+    static inline uint32_t bncy_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+    static inline float bncy_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+    static inline double bncy_f16_load(uint16_t h) {
+        /* the exponent rebiased by a multiplication by 2**112 (exact, also
+           for subnormals); exponent 31 (inf, NaN) lands at or above 2**16 */
+        float f = bncy_bits_f32((uint32_t) (h & 0x7fffu) << 13) * 0x1p112f;
+        uint32_t o = bncy_f32_bits(f);
+        o |= (f >= 65536.0f) ? 0x7f800000u : 0u;
+        o |= (uint32_t) (h & 0x8000u) << 16;
+        return (double) bncy_bits_f32(o);
+    }
+    static inline double bncy_bf16_load(int16_t h) {
+        return (double) bncy_bits_f32((uint32_t) (uint16_t) h << 16);
+    }
+    static inline uint32_t bncy_odd_f32(double d, int drop) {
+        /* d rounded to odd at 53 - drop significant bits, as float32 bits:
+           (u | ((u & m) + m)) sets bit drop when a dropped bit is nonzero */
+        uint64_t u, m = ((uint64_t) 1 << drop) - 1;
+        double t;
+        memcpy(&u, &d, 8);
+        u = (u | ((u & m) + m)) & ~m;
+        memcpy(&t, &u, 8);
+        return bncy_f32_bits((float) t);
+    }
+    static inline uint16_t bncy_f16_store(double d) {
+        uint32_t u = bncy_odd_f32(d, 40), sign = u & 0x80000000u, n, s, m, o, big;
+        u ^= sign;
+        /* normal: rebias (127 - 15) << 23, round the 13 dropped bits to even */
+        n = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;
+        /* below 2**-14: the float add of 0.5 rounds to the subnormal's unit */
+        s = bncy_f32_bits(bncy_bits_f32(u) + 0.5f) - 0x3f000000u;
+        m = 0u - (uint32_t) (u < 0x38800000u);
+        o = (s & m) | (n & ~m);
+        /* 2**16 and above: inf, or a quiet NaN for NaN */
+        big = 0x7c00u | ((uint32_t) (u > 0x7f800000u) << 9);
+        m = 0u - (uint32_t) (u >= 0x47800000u);
+        o = (big & m) | (o & ~m);
+        return (uint16_t) (o | (sign >> 16));
+    }
+    static inline int16_t bncy_bf16_store(double d) {
+        uint32_t u = bncy_odd_f32(d, 43);
+        uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        uint32_t q = (u >> 16) | 0x40u;   /* NaN: quiet, sign kept */
+        uint32_t m = 0u - (uint32_t) ((u & 0x7fffffffu) > 0x7f800000u);
+        return (int16_t) (uint16_t) ((q & m) | (r & ~m));
+    }
+    #if defined(__F16C__) || defined(__AVX2__)
+    #include <immintrin.h>
+    #endif
+    static inline float bncy_f16_f32(uint16_t h) { return (float) bncy_f16_load(h); }
+    /* The staged conversions of the 16-bit passes: n values between the array
+       and a float32 (load) or float64 (store) buffer. F16C (AVX2 and AVX-512 builds) converts 8 float16 values an
+       instruction; it rounds float32 to float16 to nearest even, as the portable
+       arithmetic does, so every build stores the same bits. */
+    static inline void bncy_widen_f16(const uint16_t* h, float* f, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*) (h + i))));
+    #endif
+        for (; i < n; i++)
+            f[i] = bncy_f16_f32(h[i]);
+    }
+    static inline void bncy_widen_bf16(const int16_t* h, float* f, Py_ssize_t n) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++)
+            f[i] = bncy_bits_f32((uint32_t) (uint16_t) h[i] << 16);
+    }
+    static inline void bncy_odd_pass(const double* d, float* f, Py_ssize_t n, int drop) {
+        /* bncy_odd_f32 over a buffer, a loop of its own so that gcc vectorises it */
+        Py_ssize_t i;
+        uint64_t u, m = ((uint64_t) 1 << drop) - 1;
+        double t;
+        for (i = 0; i < n; i++) {
+            memcpy(&u, d + i, 8);
+            u = (u | ((u & m) + m)) & ~m;
+            memcpy(&t, &u, 8);
+            f[i] = (float) t;
+        }
+    }
+    static inline void bncy_narrow_f16(const double* d, uint16_t* h, Py_ssize_t n) {
+        float f[64];
+        Py_ssize_t i0, i, k;
+        for (i0 = 0; i0 < n; i0 += 64) {
+            k = n - i0 < 64 ? n - i0 : 64;
+            bncy_odd_pass(d + i0, f, k, 40);
+            i = 0;
+    #if defined(__F16C__)
+            for (; i + 8 <= k; i += 8)
+                _mm_storeu_si128((__m128i*) (h + i0 + i),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(f + i), 0));
+    #endif
+            for (; i < k; i++)
+                h[i0 + i] = bncy_f16_store((double) f[i]);  /* f is odd-rounded: exact */
+        }
+    }
+    static inline void bncy_narrow_bf16(const double* d, int16_t* h, Py_ssize_t n) {
+        float f[64];
+        Py_ssize_t i0, i, k;
+        uint32_t u, r, q, m;
+        for (i0 = 0; i0 < n; i0 += 64) {
+          k = n - i0 < 64 ? n - i0 : 64;
+          bncy_odd_pass(d + i0, f, k, 43);
+          i = 0;
+    #if defined(__AVX2__)
+          /* the loop below, 8 at a time (gcc's own vectorisation of it was slow) */
+          for (; i + 8 <= k; i += 8) {
+              __m256i v = _mm256_castps_si256(_mm256_loadu_ps(f + i));
+              __m256i top = _mm256_srli_epi32(v, 16);
+              __m256i rv = _mm256_srli_epi32(_mm256_add_epi32(
+                  _mm256_add_epi32(v, _mm256_set1_epi32(0x7fff)),
+                  _mm256_and_si256(top, _mm256_set1_epi32(1))), 16);
+              __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)),
+                                               _mm256_set1_epi32(0x7f800000));
+              rv = _mm256_blendv_epi8(rv, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+              _mm_storeu_si128((__m128i*) (h + i0 + i),
+                               _mm_packus_epi32(_mm256_castsi256_si128(rv),
+                                                _mm256_extracti128_si256(rv, 1)));
+          }
+    #endif
+          for (; i < k; i++) {
+            u = bncy_f32_bits(f[i]);
+            r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            q = (u >> 16) | 0x40u;
+            m = 0u - (uint32_t) ((u & 0x7fffffffu) > 0x7f800000u);
+            h[i0 + i] = (int16_t) (uint16_t) ((q & m) | (r & ~m));
+          }
+        }
+    }
+    """
+    double bncy_f16_load(unsigned short h) noexcept nogil
+    double bncy_bf16_load(short h) noexcept nogil
+    unsigned short bncy_f16_store(double d) noexcept nogil
+    short bncy_bf16_store(double d) noexcept nogil
+    void bncy_widen_f16(const unsigned short* h, float* f, Py_ssize_t n) noexcept nogil
+    void bncy_widen_bf16(const short* h, float* f, Py_ssize_t n) noexcept nogil
+    void bncy_narrow_f16(const double* d, unsigned short* h, Py_ssize_t n) noexcept nogil
+    void bncy_narrow_bf16(const double* d, short* h, Py_ssize_t n) noexcept nogil
 
 
-cdef inline double _rounds_above_zero(floating v) noexcept nogil:
-    # The float64 values w for which <floating> w > 0 are those w > this (round to
-    # nearest even: 2**-150, half float32's least subnormal, rounds to 0), so the
-    # ReLU mask is a float64 compare, without rounding to float32 first (v only
-    # picks the type).
-    if floating is float:
+# The storage types of x, dy, y and dx. float16 and bfloat16 arrive as their
+# bits (see above); every read of a stored value goes through _ld, every write
+# through _st. Statistics and coefficients are float64 for all four.
+ctypedef unsigned short f16_bits
+ctypedef short bf16_bits
+
+ctypedef fused stored:
+    float
+    double
+    f16_bits
+    bf16_bits
+
+
+cdef inline double _ld(stored v) noexcept nogil:
+    # A stored value, widened exactly to float64.
+    if stored is f16_bits:
+        return bncy_f16_load(v)
+    elif stored is bf16_bits:
+        return bncy_bf16_load(v)
+    else:
+        return v
+
+
+cdef inline void _widen(const stored* p, float* out, Py_ssize_t n) noexcept nogil:
+    # out[0:n] = p[0:n] widened exactly (16-bit storage only).
+    if stored is f16_bits:
+        bncy_widen_f16(p, out, n)
+    elif stored is bf16_bits:
+        bncy_widen_bf16(p, out, n)
+
+
+cdef inline void _narrow(const double* v, stored* p, Py_ssize_t n) noexcept nogil:
+    # p[0:n] = v[0:n], each rounded once as _st does (16-bit storage only).
+    if stored is f16_bits:
+        bncy_narrow_f16(v, p, n)
+    elif stored is bf16_bits:
+        bncy_narrow_bf16(v, p, n)
+
+
+cdef inline void _st(stored* p, double v) noexcept nogil:
+    # *p = v rounded once to the storage type, to nearest even.
+    if stored is f16_bits:
+        p[0] = bncy_f16_store(v)
+    elif stored is bf16_bits:
+        p[0] = bncy_bf16_store(v)
+    else:
+        p[0] = <stored> v
+
+
+cdef inline double _masked(bint keep, stored g) noexcept nogil:
+    # g where keep, else +0.0: bncy_select's bit mask for the narrow types, where
+    # the conversion to float64 would sit in the branch; a select for float64,
+    # which has none (gcc left the float64 residual loops scalar with the mask).
+    if stored is double:
+        return g if keep else 0.0
+    return bncy_select(keep, _ld(g))
+
+
+cdef inline double _rounds_above_zero(stored v) noexcept nogil:
+    # The float64 values w that store (_st) as > 0 are those w > this (round to
+    # nearest even: half the least subnormal rounds to 0), so the ReLU mask is a
+    # float64 compare, without rounding first (v only picks the type).
+    if stored is float:
         return 7.0064923216240854e-46   # 2**-150
+    elif stored is f16_bits:
+        return 2.9802322387695312e-08   # 2**-25
+    elif stored is bf16_bits:
+        return 4.591774807899561e-41    # 2**-134
     return 0.0
 
 
@@ -272,16 +491,16 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
 
-cdef inline void _prefetch_run(const floating* p, Py_ssize_t n) noexcept nogil:
+cdef inline void _prefetch_run(const stored* p, Py_ssize_t n) noexcept nogil:
     # Ask for the cache lines of p[0:n], n >= 1, which a later iteration reads.
-    cdef Py_ssize_t i, step = 64 // sizeof(floating)
+    cdef Py_ssize_t i, step = 64 // sizeof(stored)
     for i in range(_cdiv(n, step)):
         bncy_prefetch(p + i * step)
 
 
-cdef inline void _prefetch_run_w(floating* p, Py_ssize_t n) noexcept nogil:
+cdef inline void _prefetch_run_w(stored* p, Py_ssize_t n) noexcept nogil:
     # Ask for the cache lines of p[0:n], n >= 1, which a later iteration writes.
-    cdef Py_ssize_t i, step = 64 // sizeof(floating)
+    cdef Py_ssize_t i, step = 64 // sizeof(stored)
     for i in range(_cdiv(n, step)):
         bncy_prefetch_w(p + i * step)
 

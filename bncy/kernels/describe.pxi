@@ -9,7 +9,10 @@ cdef dict _rows_reduction(Py_ssize_t N, Py_ssize_t K, Py_ssize_t isz, int n_thre
     cdef Py_ssize_t TW = _red_tile(N, K, n_threads)
     cdef bint ahead = (_gsum_rows_ahead(N, K, TW, isz) and not masked
                        if gsums else _mom_rows_ahead(N, K, TW, isz))
-    return {"tile": TW, "variant": "prefetch" if ahead else "plain",
+    cdef str variant = "prefetch" if ahead else "plain"
+    if isz == 2 and not gsums:
+        variant = "widened rows"        # _block_col_moments16
+    return {"tile": TW, "variant": variant,
             "knobs": ["beyond_l2", "pf_bytes"] if gsums
             else ["mom_min_bytes", "mom_max_row", "mom_pf_bytes"]}
 
@@ -21,13 +24,13 @@ cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     cdef Py_ssize_t limit, R
     cdef dict d
     if gsums:
-        limit = RED_ROWS_MAX_RUN if isz == 4 else ROWS_MAX_RUN
+        limit = RED_ROWS_MAX_RUN if isz < 8 else ROWS_MAX_RUN
     else:
-        limit = 2 * RED_ROWS_MAX_RUN if isz == 4 else RED_ROWS_MAX_RUN
+        limit = 2 * RED_ROWS_MAX_RUN if isz < 8 else RED_ROWS_MAX_RUN
     if not _short_runs_on_rows(N, S, limit):
         if gsums:
             return {"schedule": "planes", "variant": "plain", "knobs": []}
-        if isz == 4:
+        if isz < 8:
             return {"schedule": "planes", "variant": "shifted pieces", "knobs": []}
         return {"schedule": "planes", "knobs": ["beyond_l2"],
                 "variant": ("prefetch next segment" if _planes_mom_ahead(N * C * S * 8, 8)
@@ -51,6 +54,9 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     cdef Py_ssize_t K = C * S, R, NR, KR, TW, pt
     cdef Py_ssize_t nvec = (6 if masked else 5) if grad else 3
     if not _ew_on_rows(S):
+        if isz == 2:   # 16-bit storage: _affine_run16, _gi_run16 (either schedule)
+            return {"schedule": "planes", "variant": "staged pieces",
+                    "knobs": ["ew_rows_max_run"]}
         if grad and _gi_planes_ahead(N * C * S * isz, isz, n_threads):
             return {"schedule": "planes", "variant": "prefetch",
                     "knobs": ["ew_rows_max_run", "beyond_l2", "pf_bytes"]}
@@ -63,6 +69,9 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     d = {"schedule": "rows narrow" if R > 1 else "rows", "rows_at_a_time": R,
          "tile": TW, "knobs": ["ew_rows_max_run", "flat_row_grad" if grad else "flat_row",
                                "coef_l1"]}
+    if isz == 2:
+        d["variant"] = "staged pieces"
+        return d
     pt = _gi_rows_tile(NR, KR, TW, isz) if grad and not masked else 0
     if grad:
         d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]

@@ -59,9 +59,9 @@ cdef void _ema(Running r, const double* v, Py_ssize_t C, double momentum,
             d[0] = (1.0 - momentum) * d[0] + momentum * (factor * v[c])
 
 
-cdef int _finish_train(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+cdef int _finish_train(const stored* x, const stored* res, bint relu, Py_ssize_t N,
                        Py_ssize_t C, Py_ssize_t S, const double* mean, const double* m2, const double* scale,
-                       const double* shift, double count, floating* y_out,
+                       const double* shift, double count, stored* y_out,
                        Running rm, Running rv, double momentum,
                        int n_threads) noexcept nogil:
     # The affine pass with (mean, scale, shift), the residual res (NULL: none)
@@ -77,10 +77,10 @@ cdef int _finish_train(const floating* x, const floating* res, bint relu, Py_ssi
     return rc
 
 
-cdef int _apply_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+cdef int _apply_core(const stored* x, const stored* res, bint relu, Py_ssize_t N,
                      Py_ssize_t C, Py_ssize_t S, double count, const double* mean, const double* m2,
                      const double* gamma, const double* shift, double eps,
-                     floating* y_out, double* var_out, double* invstd_out,
+                     stored* y_out, double* var_out, double* invstd_out,
                      double* scale_out, Running rm, Running rv, double momentum,
                      bint rescue, int n_threads, int* suspicious) noexcept nogil:
     # Coefficients, then _finish_train. With rescue, a channel that needs
@@ -95,9 +95,9 @@ cdef int _apply_core(const floating* x, const floating* res, bint relu, Py_ssize
                          rm, rv, momentum, n_threads)
 
 
-cdef int _forward_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+cdef int _forward_core(const stored* x, const stored* res, bint relu, Py_ssize_t N,
                        Py_ssize_t C, Py_ssize_t S, const double* gamma, const double* shift, double eps,
-                       floating* y_out, double* mean_out, double* m2_out, double* var_out,
+                       stored* y_out, double* mean_out, double* m2_out, double* var_out,
                        double* invstd_out, double* scale_out, Running rm, Running rv,
                        double momentum, int n_threads, int* suspicious) noexcept nogil:
     # _moments, then _apply_core with rescue.
@@ -136,12 +136,12 @@ cdef void _backward_coefficients(const double* sdy, const double* sdyx,
             k_out[c] = 0.0
 
 
-cdef int _grad_apply_core(const floating* dy, const floating* x, const floating* res,
+cdef int _grad_apply_core(const stored* dy, const stored* x, const stored* res,
                           bint relu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                           const double* mean, const double* invstd, const double* gamma,
                           const double* shift, const double* sdy, const double* sdyx,
-                          double count, bint batch_stats, floating* dx_out,
-                          floating* dres_out, double* dgamma_out, double* work,
+                          double count, bint batch_stats, stored* dx_out,
+                          stored* dres_out, double* dgamma_out, double* work,
                           int n_threads) noexcept nogil:
     # Coefficients from the (merged) sums, then grad_input (none when x is
     # empty), through ReLU when relu (mask from x, the coefficients, shift and
@@ -155,10 +155,10 @@ cdef int _grad_apply_core(const floating* dy, const floating* x, const floating*
                              shift, N, C, S, dx_out, dres_out, n_threads)
 
 
-cdef int _inference_core(const floating* x, const floating* res, bint relu, Py_ssize_t N,
+cdef int _inference_core(const stored* x, const stored* res, bint relu, Py_ssize_t N,
                          Py_ssize_t C, Py_ssize_t S, const double* running_mean, const double* running_var,
                          const double* gamma, const double* beta, double eps,
-                         floating* y_out, double* work, int n_threads) noexcept nogil:
+                         stored* y_out, double* work, int n_threads) noexcept nogil:
     # scale = gamma / sqrt(running_var + eps), then the affine pass (with res
     # and relu as in _finish_train); work holds
     # 2 * C doubles. Returns 0, or -1 when a work buffer could not be had.
@@ -196,8 +196,8 @@ cdef inline const double* _opt(const double[::1] v):
     return &v[0] if v is not None else NULL
 
 
-def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
-                const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+def apply_train(const stored[:, :, ::1] x,   # IN (N, C, S), may be empty
+                const stored[:, :, ::1] res, # IN (N, C, S) residual, or None
                 bint relu,                     # IN ReLU after the residual
                 double count,                  # IN values per channel, whole batch
                 const double[::1] mean,        # IN (C,) batch mean
@@ -205,7 +205,7 @@ def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
                 const double[::1] gamma,       # IN (C,) or None (ones)
                 const double[::1] shift,       # IN (C,) beta, or zeros
                 double eps,
-                floating[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
+                stored[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
                 double[::1] var_out,           # OUT (C,)
                 double[::1] invstd_out,        # OUT (C,)
                 double[::1] scale_out,         # OUT (C,) gamma * invstd
@@ -231,10 +231,10 @@ def apply_train(const floating[:, :, ::1] x,   # IN (N, C, S), may be empty
     return suspicious
 
 
-def finish_train(const floating[:, :, ::1] x, const floating[:, :, ::1] res, bint relu,
+def finish_train(const stored[:, :, ::1] x, const stored[:, :, ::1] res, bint relu,
                  double count, const double[::1] mean,
                  const double[::1] m2, const double[::1] scale, const double[::1] shift,
-                 floating[:, :, ::1] y_out, running_mean, running_var, double momentum,
+                 stored[:, :, ::1] y_out, running_mean, running_var, double momentum,
                  int n_threads):
     """_finish_train with coefficients bncy._api has rescued."""
     cdef int rc
@@ -248,13 +248,13 @@ def finish_train(const floating[:, :, ::1] x, const floating[:, :, ::1] res, bin
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
 
-def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
-                  const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+def forward_train(const stored[:, :, ::1] x,   # IN (N, C, S)
+                  const stored[:, :, ::1] res, # IN (N, C, S) residual, or None
                   bint relu,                     # IN ReLU after the residual
                   const double[::1] gamma,       # IN (C,) or None (ones)
                   const double[::1] shift,       # IN (C,) beta, or zeros
                   double eps,
-                  floating[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
+                  stored[:, :, ::1] y_out,     # OUT (N, C, S), may be x itself
                   double[::1] mean_out,          # OUT (C,)
                   double[::1] m2_out,            # OUT (C,)
                   double[::1] var_out,           # OUT (C,)
@@ -277,9 +277,9 @@ def forward_train(const floating[:, :, ::1] x,   # IN (N, C, S)
     return suspicious
 
 
-def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
-               const floating[:, :, ::1] x,    # IN (N, C, S)
-               const floating[:, :, ::1] res,  # IN (N, C, S) residual, or None
+def apply_grad(const stored[:, :, ::1] dy,   # IN (N, C, S), may be empty
+               const stored[:, :, ::1] x,    # IN (N, C, S)
+               const stored[:, :, ::1] res,  # IN (N, C, S) residual, or None
                bint relu,                      # IN through ReLU
                const double[::1] mean,         # IN (C,)
                const double[::1] invstd,       # IN (C,)
@@ -288,8 +288,8 @@ def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
                const double[::1] sdy,          # IN (C,) sum of dy, whole batch
                const double[::1] sdyx,         # IN (C,) sum of dy * (x - mean)
                double count, bint batch_stats,
-               floating[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
-               floating[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
+               stored[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
+               stored[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
                double[::1] dgamma_out,         # OUT (C,)
                int n_threads):
     """_grad_apply_core: the coefficients from the (merged) sums, then dx (and
@@ -314,16 +314,16 @@ def apply_grad(const floating[:, :, ::1] dy,   # IN (N, C, S), may be empty
         raise MemoryError("bncy: could not allocate the per-column coefficients")
 
 
-def backward_train(const floating[:, :, ::1] dy,   # IN (N, C, S)
-                   const floating[:, :, ::1] x,    # IN (N, C, S)
-                   const floating[:, :, ::1] res,  # IN (N, C, S) residual, or None
+def backward_train(const stored[:, :, ::1] dy,   # IN (N, C, S)
+                   const stored[:, :, ::1] x,    # IN (N, C, S)
+                   const stored[:, :, ::1] res,  # IN (N, C, S) residual, or None
                    bint relu,                      # IN through ReLU
                    const double[::1] mean,         # IN (C,)
                    const double[::1] invstd,       # IN (C,)
                    const double[::1] gamma,        # IN (C,) or None (ones)
                    const double[::1] shift,        # IN (C,) beta (for the mask)
-                   floating[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
-                   floating[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
+                   stored[:, :, ::1] dx_out,     # OUT (N, C, S), may be dy or x
+                   stored[:, :, ::1] dres_out,   # OUT (N, C, S) with res, else None
                    double[::1] sdy_out,            # OUT (C,) sum of dy (= dbeta)
                    double[::1] dgamma_out,         # OUT (C,)
                    int n_threads):
@@ -354,10 +354,10 @@ cdef void _forward_scale(const double* invstd, const double* gamma, Py_ssize_t C
         scale_out[c] = invstd[c] * gamma[c] if gamma != NULL else invstd[c]
 
 
-cdef int _backward_core(const floating* dy, const floating* x, const floating* res,
+cdef int _backward_core(const stored* dy, const stored* x, const stored* res,
                         bint relu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         const double* mean, const double* invstd, const double* gamma,
-                        const double* shift, floating* dx_out, floating* dres_out,
+                        const double* shift, stored* dx_out, stored* dres_out,
                         double* sdy_out, double* dgamma_out, double* work,
                         int n_threads) noexcept nogil:
     # grad_sums (masked when relu), then _grad_apply_core; work holds 5 * C
@@ -373,14 +373,14 @@ cdef int _backward_core(const floating* dy, const floating* x, const floating* r
                             work + C, n_threads)
 
 
-def inference_train(const floating[:, :, ::1] x,   # IN (N, C, S)
-                    const floating[:, :, ::1] res, # IN (N, C, S) residual, or None
+def inference_train(const stored[:, :, ::1] x,   # IN (N, C, S)
+                    const stored[:, :, ::1] res, # IN (N, C, S) residual, or None
                     bint relu,                     # IN ReLU after the residual
                     const double[::1] running_mean, const double[::1] running_var,
                     const double[::1] gamma,        # IN (C,) or None (ones)
                     const double[::1] beta,         # IN (C,) or None (zeros)
                     double eps,
-                    floating[:, :, ::1] y_out,      # OUT (N, C, S), may be x itself
+                    stored[:, :, ::1] y_out,      # OUT (N, C, S), may be x itself
                     int n_threads):
     """_inference_core (bncy.inference)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]

@@ -133,3 +133,30 @@ def test_any_error_on_one_rank_raises_on_every_rank(kind, monkeypatch):
 def test_sync_batchnorm_is_a_batchnorm_class():
     sync = dist.SyncBatchNorm(3, comm=comm)
     assert isinstance(sync, dist.SyncBatchNorm) and isinstance(sync, bncy.BatchNorm)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_half_storage_matches_the_single_process_result(name):
+    if name == "bfloat16":
+        dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+        rt = 2.0**-7          # one unit of bfloat16
+    else:
+        dtype, rt = np.dtype(np.float16), 2.0**-10
+    rng = np.random.default_rng(8)
+    shape, C = (9, 4, 5, 6), 4
+    x = (5.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    y, m, s = bncy.forward(x, g, b)
+    dx, dg, db = bncy.backward(dy, x, m, s, g)
+    sl = rows(shape[0])
+    yl, ml, sl_ = dist.forward(x[sl], g, b, comm=comm)
+    dxl, dgl, dbl = dist.backward(dy[sl], x[sl], ml, sl_, g, comm=comm)
+    assert yl.dtype == dtype and dxl.dtype == dtype and dgl.dtype == np.float32
+    f = lambda a: np.asarray(a).astype(np.float64)
+    assert_allclose(f(yl), f(y[sl]), rtol=rt, atol=rt * 1e-3)
+    assert_allclose(f(dxl), f(dx[sl]), rtol=rt, atol=rt * 1e-2)
+    assert_allclose(ml, m, rtol=1e-13)
+    assert_allclose(dgl, dg, rtol=1e-5, atol=1e-5)
+    for a in (ml, sl_, dgl, dbl):
+        same_on_every_rank(a)
