@@ -21,10 +21,11 @@ Custom ops (namespace ``bncy``): ``torch.library`` refuses an autograd formula
 for an op that mutates its arguments, so the op is split in two:
 
 * ``bncy::batch_norm(input, running_mean?, running_var?, weight?, bias?,
-  training, eps) -> (y, mean, invstd, m2)``, functional, with
+  training, eps) -> (y, mean, invstd, var)``, functional, with
   ``register_autograd`` whose backward is ``bncy::batch_norm_backward`` (bncy's
-  closed form, :func:`bncy.backward`); mean, invstd and m2 are float64 (C,).
-* ``bncy::update_running_stats(running_mean!, running_var!, mean, m2, count,
+  closed form, :func:`bncy.backward`); mean, invstd and the unbiased batch
+  variance var are float64 (C,).
+* ``bncy::update_running_stats(running_mean!, running_var!, mean, var,
   momentum)``, which declares the running statistics as mutated arguments.
 
 Results are bitwise identical for every ``torch.set_num_threads`` and between
@@ -203,10 +204,12 @@ def _canonical(t, fmt):
 
 
 def _np(t):
-    """A NumPy view of a CPU tensor's memory (None stays None)."""
+    """A NumPy view of a CPU tensor's memory (None stays None). ``.data`` rather
+    than ``.detach()`` for a tensor that requires grad: the same memory, half the
+    cost, and no write goes through it that autograd should see."""
     if t is None:
         return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    return t.data.numpy() if t.requires_grad else t.numpy()
 
 
 def _tensor(a, fmt=torch.contiguous_format):
@@ -250,25 +253,25 @@ def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt):
     return _tensor(y, fmt), None, None
 
 
-def _forward_split(x, weight, bias, eps, fmt):
-    """Training forward in two phases (:func:`bncy.batch_stats`, then
-    :func:`bncy.apply_stats`), the same bits as :func:`bncy.forward`:
-    (y, mean, invstd, m2), m2 for the running statistics' update."""
-    xn, nt = _np(x), torch.get_num_threads()
-    stats = bncy.batch_stats(xn, axis=1, n_threads=nt)
-    if stats.count < 2:   # batch_stats accepts a part of any size; a whole batch needs 2
-        raise ValueError("bncy.torch: expected more than 1 value per channel when "
-                         f"training, got input of shape {tuple(x.shape)}")
-    y, mean, invstd = bncy.apply_stats(xn, stats, _np(weight), _np(bias), eps=eps, axis=1,
-                                       n_threads=nt)
-    return _tensor(y, fmt), mean, invstd, stats.m2
+def _forward_unbiased(xn, wn, bn, eps, fmt):
+    """Training forward for the custom op, which may not touch the running
+    statistics: (y, mean, invstd, var) with var the unbiased batch variance. One
+    bncy.forward call updating float64 scratch statistics, zeros, with momentum 1:
+    they receive exactly the mean and the unbiased variance that bncy.forward's own
+    update blends in (0 * 0 + 1 * s is s)."""
+    mean_s, var_s = np.zeros(xn.shape[1]), np.zeros(xn.shape[1])
+    y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=mean_s,
+                                   running_var=var_s, momentum=1.0,
+                                   n_threads=torch.get_num_threads())
+    return _tensor(y, fmt), mean, invstd, var_s
 
 
-def _update_running(running_mean, running_var, mean, m2, count: int, momentum: float):
-    """The running statistics' update of a training pass, in place: bncy.apply_stats
-    on an empty part with the batch's (count, mean, m2), the update bncy.forward makes."""
+def _update_running(running_mean, running_var, mean, var, momentum: float):
+    """r = (1 - momentum) * r + momentum * s in place, with the batch mean and the
+    unbiased batch variance var: bncy.apply_stats on an empty part, whose update is
+    bncy.forward's. Its m2 / (count - 1) is var itself with count 2."""
     rmn = _np(running_mean)
-    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(count, mean, m2),
+    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(2, mean, var),
                      running_mean=rmn, running_var=_np(running_var), momentum=momentum)
     _written(running_mean, running_var)
 
@@ -302,11 +305,12 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt):
 class _BatchNormFunction(torch.autograd.Function):
     """batch_norm in eager mode. The statistics and the NumPy views of x and weight
     stay on ctx; x and weight are also saved tensors, so that autograd checks that
-    they are not modified in place before the backward."""
+    they are not modified in place before the backward. The arguments that take no
+    gradient travel in one tuple: every tensor argument of a Function costs time."""
 
     @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum,
-                eps, fmt):
+    def forward(ctx, input, weight, bias, rest):
+        running_mean, running_var, training, momentum, eps, fmt = rest
         x = _canonical(input, fmt)
         ctx.xn, ctx.wn = _np(x), _np(weight)
         y, ctx.mean, ctx.invstd = _forward(ctx.xn, _np(running_mean), _np(running_var),
@@ -320,14 +324,22 @@ class _BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():   # create_graph=True: no second derivative (raises
+            return _once_backward(ctx, dy)   # if one is asked for); once_differentiable
+        return _BatchNormFunction._backward(ctx, dy)   # costs 8 us, so only here
+
+    @staticmethod
+    def _backward(ctx, dy):
         _ = ctx.saved_tensors   # raises if x or weight was modified in place since the forward
         dx, dw, db = _backward(dy, ctx.xn, ctx.wn, ctx.mean, ctx.invstd, ctx.training,
                                ctx.fmt)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, None, None, dw if need[3] else None,
-                db if need[4] else None, None, None, None, None)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                None)
+
+
+_once_backward = once_differentiable(_BatchNormFunction._backward)
 
 
 def _eager(input) -> bool:
@@ -350,19 +362,20 @@ def _eager(input) -> bool:
     schema="(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight, "
            "Tensor? bias, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
 def _op_batch_norm(input, running_mean, running_var, weight, bias, training, eps):
-    """(y, mean, invstd, m2): training uses the batch statistics and leaves the
-    running ones alone (bncy::update_running_stats updates them with mean and m2);
-    eval uses the running statistics (mean, invstd their float64 form, m2 zeros)."""
+    """(y, mean, invstd, var): training uses the batch statistics and leaves the
+    running ones alone (bncy::update_running_stats updates them with mean and var,
+    the unbiased batch variance); eval uses the running statistics (mean and invstd
+    their float64 form, var zeros)."""
     fmt = _check(input, running_mean, running_var, weight, bias, training, 0.0, eps)
-    x = _canonical(input, fmt)
+    xn = _np(_canonical(input, fmt))
     if training:
-        y, mean, invstd, m2 = _forward_split(x, weight, bias, eps, fmt)
+        y, mean, invstd, var = _forward_unbiased(xn, _np(weight), _np(bias), eps, fmt)
     else:
-        y = _forward(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+        y = _forward(xn, _np(running_mean), _np(running_var), _np(weight), _np(bias),
                      False, 0.0, eps, fmt)[0]
         mean, invstd = _eval_stats(running_mean, running_var, eps)
-        m2 = np.zeros_like(mean)
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(m2)
+        var = np.zeros_like(mean)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(var)
 
 
 @_op_batch_norm.register_fake
@@ -392,14 +405,14 @@ def _(grad_out, input, weight, mean, invstd, training):
 
 def _setup_context(ctx, inputs, output):
     input, _, _, weight, bias, training, _ = inputs
-    _, mean, invstd, m2 = output
+    _, mean, invstd, var = output
     ctx.save_for_backward(input, weight, mean, invstd)
     ctx.training = training
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.mark_non_differentiable(mean, invstd, m2)
+    ctx.mark_non_differentiable(mean, invstd, var)
 
 
-def _op_backward(ctx, dy, _dmean, _dinvstd, _dm2):
+def _op_backward(ctx, dy, _dmean, _dinvstd, _dvar):
     input, weight, mean, invstd = ctx.saved_tensors
     dx, dw, db = torch.ops.bncy.batch_norm_backward(dy, input, weight, mean, invstd,
                                                      ctx.training)
@@ -412,22 +425,25 @@ _op_batch_norm.register_autograd(_op_backward, setup_context=_setup_context)
 
 @torch.library.custom_op(
     "bncy::update_running_stats", mutates_args=("running_mean", "running_var"),
-    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor m2, "
-           "SymInt count, float momentum) -> ()")
-def _op_update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+           "float momentum) -> ()")
+def _op_update_running_stats(running_mean, running_var, mean, var, momentum):
     """r = (1 - momentum) * r + momentum * s, with the batch mean and the unbiased
-    batch variance m2 / (count - 1), as bncy.forward updates them."""
+    batch variance var (float64), as bncy.forward updates them."""
     _check_tensor(running_mean, "running_mean")
     if running_mean.dim() != 1:
         raise ValueError(f"bncy.torch: running_mean must be 1-D, got shape "
                          f"{tuple(running_mean.shape)}")
-    _check_vector(running_var, "running_var", running_mean.shape[0], running_mean.dtype)
+    C = running_mean.shape[0]
+    _check_vector(running_var, "running_var", C, running_mean.dtype)
+    _check_vector(mean, "mean", C, torch.float64)
+    _check_vector(var, "var", C, torch.float64)
     _check_real(momentum, "momentum", 0.0, 1.0)
-    _update_running(running_mean, running_var, mean.numpy(), m2.numpy(), count, momentum)
+    _update_running(running_mean, running_var, mean.numpy(), var.numpy(), momentum)
 
 
 @_op_update_running_stats.register_fake
-def _(running_mean, running_var, mean, m2, count, momentum):
+def _(running_mean, running_var, mean, var, momentum):
     return None
 
 
@@ -435,12 +451,10 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
                     eps):
     """batch_norm through the custom ops (traceable, no graph break). The running
     statistics go to bncy::batch_norm in training too, to be checked there."""
-    y, mean, _, m2 = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
-                                               bias, bool(training), eps)
+    y, mean, _, var = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
+                                                bias, bool(training), eps)
     if training and running_mean is not None and running_var is not None:
-        count = input.numel() // input.shape[1]
-        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, m2, count,
-                                            momentum)
+        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum)
     return y
 
 
@@ -516,8 +530,9 @@ def _eager_batch_norm(input, running_mean, running_var, weight, bias, training, 
     if torch.is_grad_enabled() and (input.requires_grad
                                     or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _BatchNormFunction.apply(input, running_mean, running_var, weight, bias,
-                                        training, momentum, eps, fmt)
+        return _BatchNormFunction.apply(input, weight, bias,
+                                        (running_mean, running_var, training, momentum, eps,
+                                         fmt))
     y = _forward(_np(_canonical(input, fmt)), _np(running_mean), _np(running_var), _np(weight),
                  _np(bias), training, momentum, eps, fmt)[0]
     if training:

@@ -172,6 +172,20 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(op, (x, w, b))
 
 
+def test_double_backward_is_refused_not_wrong():
+    """create_graph=True works for the first derivative; a second one through the
+    op raises instead of silently being zero."""
+    x = data((8, 3)).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(bt.batch_norm(x, None, None, w, None, True).pow(3).sum(), x,
+                             create_graph=True)
+    x2 = x.detach().clone().requires_grad_()
+    g2, = torch.autograd.grad(F.batch_norm(x2, None, None, w, None, True).pow(3).sum(), x2)
+    torch.testing.assert_close(g.detach(), g2, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
 # ---------------------------------------------------------------------------
 # memory: NumPy views, no copies for contiguous and channels_last
 # ---------------------------------------------------------------------------
@@ -287,7 +301,7 @@ def test_opcheck(layout, training):
                            mean, invstd, training))
     if training:
         torch.library.opcheck(torch.ops.bncy.update_running_stats.default,
-                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 40, 0.1))
+                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 0.1))
 
 
 def _step(fn, x, *params):
