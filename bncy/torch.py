@@ -859,25 +859,10 @@ _TO_SYNC = {cls: SyncBatchNorm for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.Ba
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Make every batch norm module of a model a :class:`SyncBatchNorm`, in place.
 
-    Converts modules of exactly the types ``nn.BatchNorm1d/2d/3d``,
-    ``nn.SyncBatchNorm`` and bncy's own, keeping their parameters, buffers,
-    hooks and mode (the same tensors), like :func:`convert`.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    process_group : torch.distributed.ProcessGroup, optional
-        The group whose ranks share statistics; None means the whole world.
-
-    Returns
-    -------
-    torch.nn.Module
-        model itself.
-
-    Raises
-    ------
-    TypeError
-        As in :func:`convert`.
+    :func:`convert` (the same result and errors) for modules of exactly the types
+    ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and bncy's own, whose ranks
+    share statistics over ``process_group`` (a ``torch.distributed``
+    ProcessGroup; None means the whole world).
     """
     _prepare_sync()
     return _swap(model, _TO_SYNC, process_group=process_group)

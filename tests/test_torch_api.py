@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 import bncy  # noqa: E402
 import bncy.torch as bt  # noqa: E402
+from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 F = nn.functional
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -448,38 +449,8 @@ def test_an_optimizer_built_before_convert_still_trains():
 
 
 # ---------------------------------------------------------------------------
-# a ResNet-18-shaped model: basic blocks of conv-BN-ReLU
+# a ResNet-18-shaped model (tests/torch_resnet.py), converted
 # ---------------------------------------------------------------------------
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-def resnet18(width=8, classes=10):
-    """ResNet-18's layout (a stem, four stages of two basic blocks), narrow."""
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    cin = width
-    for i, stride in enumerate((1, 2, 2, 2)):
-        cout = width << i
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    return nn.Sequential(*layers)
-
 
 def _train(model, steps, seed=0, dtype=torch.float32, layout="c"):
     """Losses, outputs and parameter gradients of SGD steps on fixed batches."""
@@ -500,7 +471,7 @@ def _train(model, steps, seed=0, dtype=torch.float32, layout="c"):
 
 def _model(dtype=torch.float32, layout="c"):
     torch.manual_seed(0)
-    m = resnet18().to(dtype)
+    m = resnet18(width=8, classes=10, small_input=True).to(dtype)
     return m.to(memory_format=torch.channels_last) if layout == "cl" else m
 
 

@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import bncy
 import bncy.torch as bt
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 SHAPES = [
     ("(64, 256)", (64, 256), False, torch.float32),
@@ -148,38 +152,8 @@ def print_ops(rows):
 
 
 # ---------------------------------------------------------------------------
-# A ResNet-18 training step (torchvision's layout, defined here)
+# A ResNet-18 training step (torchvision's layout: tests/torch_resnet.py)
 # ---------------------------------------------------------------------------
-
-class _Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-def resnet18(classes=1000):
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-              nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for i, stride in enumerate((1, 2, 2, 2)):
-        cout = 64 << i
-        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    return nn.Sequential(*layers)
-
 
 def run_resnet(threads, repeats, budget, batch=16, size=112, channels_last=False):
     """Seconds per SGD step (forward, cross-entropy, backward, update), torch's batch
