@@ -5,14 +5,16 @@ Importable only when PyTorch is installed (``pip install 'bncy[torch]'``, which
 pins ``torch==2.13.0``).
 
 * :func:`batch_norm` has ``torch.nn.functional.batch_norm``'s signature and
-  semantics. In eager mode it calls bncy directly on NumPy views of the tensors'
-  memory (no copy for contiguous or channels_last inputs) under a
-  ``torch.autograd.Function``; under ``torch.compile`` and other tracing it
-  goes through three ``torch.library`` custom ops (below), so the graph has no
-  break inside it.
+  semantics, and optionally fuses a residual add and a ReLU (``residual=``,
+  ``activation="relu"``) into bncy's pass. In eager mode it calls bncy directly
+  on NumPy views of the tensors' memory (no copy for contiguous or
+  channels_last inputs) under a ``torch.autograd.Function``; under
+  ``torch.compile`` and other tracing it goes through three ``torch.library``
+  custom ops (below), so the graph has no break inside it.
 * :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` subclass
-  torch's modules and only replace ``forward``: same constructor, attributes
-  and ``state_dict``. :func:`convert` swaps them into a model in place.
+  torch's modules and only replace ``forward``: same constructor (plus an
+  optional ``activation``), attributes and ``state_dict``; ``forward(input,
+  residual=None)``. :func:`convert` swaps them into a model in place.
 * :class:`SyncBatchNorm` and :func:`convert_sync_batchnorm` synchronize the
   training statistics over a ``torch.distributed`` process group (gloo, or any
   backend with ``all_gather`` of CPU tensors), with bncy's split-phase API.
@@ -21,7 +23,8 @@ Custom ops (namespace ``bncy``): ``torch.library`` refuses an autograd formula
 for an op that mutates its arguments, so the op is split in two:
 
 * ``bncy::batch_norm(input, running_mean?, running_var?, weight?, bias?,
-  training, eps) -> (y, mean, invstd, var)``, functional, with
+  training, eps, residual?, activation?) -> (y, mean, invstd, var)``,
+  functional, with
   ``register_autograd`` whose backward is ``bncy::batch_norm_backward`` (bncy's
   closed form, :func:`bncy.backward`); mean, invstd and the unbiased batch
   variance var are float64 (C,).
@@ -603,9 +606,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         A dtype other than float32/float64 (half precision included), a tensor
         not on the CPU or not dense, an argument of the wrong kind.
     ValueError
-        A wrong shape, fewer than 2 values per channel when training, missing
-        running statistics in eval mode, momentum or eps out of range. Nothing
-        is written when an exception is raised.
+        A wrong shape (the residual's included), fewer than 2 values per
+        channel when training, missing running statistics in eval mode,
+        momentum or eps out of range, an activation other than None and
+        "relu". Nothing is written when an exception is raised.
 
     Notes
     -----

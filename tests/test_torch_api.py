@@ -20,10 +20,10 @@ if not torch.__version__.startswith("2.13.0"):
 
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
+from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 import bncy  # noqa: E402
 import bncy.torch as bt  # noqa: E402
-from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 F = nn.functional
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
