@@ -5,14 +5,16 @@ Importable only when PyTorch is installed (``pip install 'bncy[torch]'``, which
 pins ``torch==2.13.0``).
 
 * :func:`batch_norm` has ``torch.nn.functional.batch_norm``'s signature and
-  semantics. In eager mode it calls bncy directly on NumPy views of the tensors'
-  memory (no copy for contiguous or channels_last inputs) under a
-  ``torch.autograd.Function``; under ``torch.compile`` and other tracing it
-  goes through three ``torch.library`` custom ops (below), so the graph has no
-  break inside it.
+  semantics, and optionally fuses a residual add and a ReLU (``residual=``,
+  ``activation="relu"``) into bncy's pass. In eager mode it calls bncy directly
+  on NumPy views of the tensors' memory (no copy for contiguous or
+  channels_last inputs) under a ``torch.autograd.Function``; under
+  ``torch.compile`` and other tracing it goes through three ``torch.library``
+  custom ops (below), so the graph has no break inside it.
 * :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` subclass
-  torch's modules and only replace ``forward``: same constructor, attributes
-  and ``state_dict``. :func:`convert` swaps them into a model in place.
+  torch's modules and only replace ``forward``: same constructor (plus an
+  optional ``activation``), attributes and ``state_dict``; ``forward(input,
+  residual=None)``. :func:`convert` swaps them into a model in place.
 * :class:`SyncBatchNorm` and :func:`convert_sync_batchnorm` synchronize the
   training statistics over a ``torch.distributed`` process group (gloo, or any
   backend with ``all_gather`` of CPU tensors), with bncy's split-phase API.
@@ -21,10 +23,12 @@ Custom ops (namespace ``bncy``): ``torch.library`` refuses an autograd formula
 for an op that mutates its arguments, so the op is split in two:
 
 * ``bncy::batch_norm(input, running_mean?, running_var?, weight?, bias?,
-  training, eps) -> (y, mean, invstd, m2)``, functional, with
+  training, eps, residual?, activation?) -> (y, mean, invstd, var)``,
+  functional, with
   ``register_autograd`` whose backward is ``bncy::batch_norm_backward`` (bncy's
-  closed form, :func:`bncy.backward`); mean, invstd and m2 are float64 (C,).
-* ``bncy::update_running_stats(running_mean!, running_var!, mean, m2, count,
+  closed form, :func:`bncy.backward`); mean, invstd and the unbiased batch
+  variance var are float64 (C,).
+* ``bncy::update_running_stats(running_mean!, running_var!, mean, var,
   momentum)``, which declares the running statistics as mutated arguments.
 
 Results are bitwise identical for every ``torch.set_num_threads`` and between
@@ -105,6 +109,16 @@ def _check_vector(t, name: str, C: int, dtype) -> None:
         raise ValueError(f"bncy.torch: {name} must have shape ({C},), got {tuple(t.shape)}")
 
 
+def _check_activation(activation) -> None:
+    """None or "relu", else TypeError (another kind) or ValueError."""
+    if activation is None or (type(activation) is str and activation == "relu"):
+        return
+    if not isinstance(activation, str):
+        raise TypeError(f"bncy.torch: activation must be None or 'relu', got "
+                        f"{type(activation).__name__}")
+    raise ValueError(f"bncy.torch: activation must be None or 'relu', got {activation!r}")
+
+
 def _check_real(value, name: str, lo: float, hi: float) -> float:
     """A real number in [lo, hi]: TypeError for another kind, ValueError outside."""
     if type(value) is not float and (isinstance(value, bool)
@@ -118,12 +132,13 @@ def _check_real(value, name: str, lo: float, hi: float) -> float:
 
 
 def _check(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
-           channels: int | None = None):
+           channels: int | None = None, residual=None, activation=None):
     """Validate a batch_norm call; return the memory format of its results.
 
     ``channels``: the number of channels the caller expects (a module's
     ``num_features``), checked against ``input.shape[1]``.
     """
+    _check_activation(activation)
     _check_tensor(input, "input")
     if input.dim() < 2:
         raise ValueError(f"bncy.torch: expected at least 2D input (got {input.dim()}D input)")
@@ -135,6 +150,13 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
                     (weight, "weight"), (bias, "bias")):
         _check_vector(t, name, C, input.dtype)
+    if residual is not None:
+        _check_tensor(residual, "residual")
+        if residual.dtype is not input.dtype or residual.shape != input.shape:
+            kind = TypeError if residual.dtype is not input.dtype else ValueError
+            raise kind(f"bncy.torch: residual must have input's shape {tuple(input.shape)} "
+                       f"and dtype {input.dtype}, got {tuple(residual.shape)} and "
+                       f"{residual.dtype}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("bncy.torch: give both running_mean and running_var, or neither")
     if not training and running_mean is None:
@@ -148,22 +170,36 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     return _memory_format(input)
 
 
-def _quick_check(input, running_mean, running_var, weight, bias, training, eps):
-    """The eager path's check: the memory format when torch's own rules hold at a
-    glance (vectors of input's dtype, eps > 0 when training, running statistics in
-    eval mode); None sends the call through _check. bncy checks the rest (shapes,
-    dtypes, momentum, eps) before it writes anything, and NumPy refuses tensors off
-    the CPU or not dense; their errors are then replaced by _check's messages."""
-    if type(input) is not torch.Tensor or input.layout is not torch.strided \
-            or type(eps) is not float:
+def _eager_format(input, running_mean, running_var, weight, bias, training, eps,
+                  residual=None, activation=None):
+    """The eager path's check, 1 us: the memory format of a call that bncy can run
+    directly and whose arguments follow torch's rules at a glance (a plain float32
+    or float64 strided tensor, vectors of its dtype, eps a float and > 0 when
+    training, running statistics in eval mode, a residual of its dtype, activation
+    None or "relu"), with nothing traced (see _eager);
+    None sends the call through _eager and _check. bncy checks the rest (shapes,
+    momentum, eps) before it writes anything, and NumPy refuses tensors off the CPU;
+    their errors are then replaced by _check's messages."""
+    if type(input) is not torch.Tensor or _compiling() or type(eps) is not float \
+            or _dispatch_depth() or _transforms_active() or _wrapped(input) \
+            or input.layout is not torch.strided:
         return None
     dtype = input.dtype
-    for t in (running_mean, running_var, weight, bias):
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return None
+    for t in (running_mean, running_var, weight, bias, residual):
         if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is dtype):
             return None
-    if (training and not eps > 0.0) or (not training and running_mean is None):
+    if (training and not eps > 0.0) or (not training and running_mean is None) \
+            or not (activation is None or (type(activation) is str and activation == "relu")):
         return None
     return _memory_format(input)
+
+
+_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_transforms_active = torch._C._are_functorch_transforms_active
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 # ---------------------------------------------------------------------------
@@ -203,10 +239,12 @@ def _canonical(t, fmt):
 
 
 def _np(t):
-    """A NumPy view of a CPU tensor's memory (None stays None)."""
+    """A NumPy view of a CPU tensor's memory (None stays None). ``.data`` rather
+    than ``.detach()`` for a tensor that requires grad: the same memory, half the
+    cost, and no write goes through it that autograd should see."""
     if t is None:
         return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    return t.data.numpy() if t.requires_grad else t.numpy()
 
 
 def _tensor(a, fmt=torch.contiguous_format):
@@ -220,7 +258,10 @@ def _written(running_mean, running_var) -> None:
     """Bump the version of running statistics written through NumPy, as an in-place
     torch op would (autograd then refuses stale saved copies of them)."""
     if running_mean is not None:
-        torch.autograd.graph.increment_version((running_mean, running_var))
+        _bump_version((running_mean, running_var))
+
+
+_bump_version = torch._C._increment_version
 
 
 def _eval_stats(running_mean, running_var, eps: float):
@@ -234,65 +275,82 @@ def _eval_stats(running_mean, running_var, eps: float):
 # The computations, on NumPy views (arguments already checked, x canonical)
 # ---------------------------------------------------------------------------
 
-def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt):
-    """(y, mean, invstd) from NumPy views of x, the running statistics, weight and
-    bias (or None): y a tensor; in training the batch statistics as float64 arrays,
-    with the running statistics updated in place in bncy.forward's one call (the
-    caller bumps their version); in eval mode (None, None) (see _eval_stats)."""
+def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt, rn=None, act=None):
+    """(y, mean, invstd) from NumPy views of x, the running statistics, weight, bias
+    and residual (or None): y = act(bn(x) + residual) a tensor; in training the batch
+    statistics as float64 arrays, with the running statistics updated in place in
+    bncy.forward's one call (the caller bumps their version); in eval mode (None,
+    None) (see _eval_stats)."""
     nt = torch.get_num_threads()
     if training:
         y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=rmn,
-                                       running_var=rvn, momentum=momentum, n_threads=nt)
+                                       running_var=rvn, momentum=momentum, n_threads=nt,
+                                       residual=rn, activation=act)
         return _tensor(y, fmt), mean, invstd
     if xn.size == 0:
         return _tensor(np.empty(xn.shape, xn.dtype), fmt), None, None
-    y = bncy.inference(xn, rmn, rvn, wn, bn, eps=eps, axis=1, n_threads=nt)
+    y = bncy.inference(xn, rmn, rvn, wn, bn, eps=eps, axis=1, n_threads=nt, residual=rn,
+                       activation=act)
     return _tensor(y, fmt), None, None
 
 
-def _forward_split(x, weight, bias, eps, fmt):
-    """Training forward in two phases (:func:`bncy.batch_stats`, then
-    :func:`bncy.apply_stats`), the same bits as :func:`bncy.forward`:
-    (y, mean, invstd, m2), m2 for the running statistics' update."""
-    xn, nt = _np(x), torch.get_num_threads()
-    stats = bncy.batch_stats(xn, axis=1, n_threads=nt)
-    if stats.count < 2:   # batch_stats accepts a part of any size; a whole batch needs 2
-        raise ValueError("bncy.torch: expected more than 1 value per channel when "
-                         f"training, got input of shape {tuple(x.shape)}")
-    y, mean, invstd = bncy.apply_stats(xn, stats, _np(weight), _np(bias), eps=eps, axis=1,
-                                       n_threads=nt)
-    return _tensor(y, fmt), mean, invstd, stats.m2
+def _forward_unbiased(xn, wn, bn, eps, fmt, rn=None, act=None):
+    """Training forward for the custom op, which may not touch the running
+    statistics: (y, mean, invstd, var) with var the unbiased batch variance. One
+    bncy.forward call updating float64 scratch statistics, zeros, with momentum 1:
+    they receive exactly the mean and the unbiased variance that bncy.forward's own
+    update blends in (0 * 0 + 1 * s is s)."""
+    mean_s, var_s = np.zeros(xn.shape[1]), np.zeros(xn.shape[1])
+    y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=mean_s,
+                                   running_var=var_s, momentum=1.0,
+                                   n_threads=torch.get_num_threads(), residual=rn,
+                                   activation=act)
+    return _tensor(y, fmt), mean, invstd, var_s
 
 
-def _update_running(running_mean, running_var, mean, m2, count: int, momentum: float):
-    """The running statistics' update of a training pass, in place: bncy.apply_stats
-    on an empty part with the batch's (count, mean, m2), the update bncy.forward makes."""
+def _update_running(running_mean, running_var, mean, var, momentum: float):
+    """r = (1 - momentum) * r + momentum * s in place, with the batch mean and the
+    unbiased batch variance var: bncy.apply_stats on an empty part, whose update is
+    bncy.forward's. Its m2 / (count - 1) is var itself with count 2."""
     rmn = _np(running_mean)
-    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(count, mean, m2),
+    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(2, mean, var),
                      running_mean=rmn, running_var=_np(running_var), momentum=momentum)
     _written(running_mean, running_var)
 
 
-def _backward(dy, xn, wn, mean, invstd, training, fmt):
-    """(dx, dweight, dbias) tensors, from dy, NumPy views of x and weight (or None)
-    and the float64 statistics of the forward. Training: bncy's closed form
-    (bncy.backward). Eval: the gradient of the per-channel affine map,
-    dx = weight * invstd * dy, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy)."""
+def _backward(dy, xn, wn, mean, invstd, training, fmt, bn=None, rn=None, act=None):
+    """(dx, dweight, dbias, dresidual) tensors (dresidual None without a residual
+    rn), from dy, NumPy views of x, weight, bias and the residual (or None) and the
+    float64 statistics of the forward. Training: bncy's closed form (bncy.backward;
+    with act="relu" it recomputes the forward's mask from x, weight, bias and the
+    residual). Eval: the gradient of the per-channel affine map, dx = weight *
+    invstd * dy, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy), with dy
+    already masked by the caller for an activation. The residual's gradient is dy
+    (masked with an activation)."""
     dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
+    if training:
+        r = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt, beta=bn,
+                          residual=rn if act else None, activation=act)
+        dres = None if rn is None else dy if act is None else _tensor(r[3], fmt)
+        return _tensor(r[0], fmt), torch.from_numpy(r[1]), torch.from_numpy(r[2]), dres
+    dres = None if rn is None else dy
     if xn.size == 0:   # an empty eval-mode batch
         zeros = np.zeros(xn.shape[1], xn.dtype)
         return torch.empty_like(dy, memory_format=fmt), torch.from_numpy(zeros), \
-            torch.from_numpy(zeros.copy())
-    if training:
-        dx, dw, db = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt)
-        return _tensor(dx, fmt), torch.from_numpy(dw), torch.from_numpy(db)
+            torch.from_numpy(zeros.copy()), dres
     sums = bncy.grad_stats(dyn, xn, mean, axis=1, n_threads=nt)
     scale = invstd if wn is None else wn.astype(np.float64) * invstd
     zeros = np.zeros_like(invstd)
     # scale * dy rounded once: inference with mean 0, variance 0 and eps 1 (invstd 1)
     dx = bncy.inference(dyn, zeros, zeros, scale, None, eps=1.0, axis=1, n_threads=nt)
     dw = (sums.sum_dy_xc * invstd).astype(xn.dtype)
-    return _tensor(dx, fmt), torch.from_numpy(dw), torch.from_numpy(sums.sum_dy.astype(xn.dtype))
+    return _tensor(dx, fmt), torch.from_numpy(dw), \
+        torch.from_numpy(sums.sum_dy.astype(xn.dtype)), dres
+
+
+def _relu_masked(dy, y):
+    """dy where the output y > 0, else 0 (torch's ReLU gradient), a new tensor."""
+    return torch.where(y > 0, dy, 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -300,34 +358,63 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt):
 # ---------------------------------------------------------------------------
 
 class _BatchNormFunction(torch.autograd.Function):
-    """batch_norm in eager mode. The statistics and the NumPy views of x and weight
-    stay on ctx; x and weight are also saved tensors, so that autograd checks that
-    they are not modified in place before the backward."""
+    """batch_norm in eager mode, called through _apply. ctx.state holds NumPy views
+    (x, weight, bias, residual), the float64 statistics, and the tensors the
+    backward reads with their versions: the backward refuses them modified in place
+    since the forward, as saved tensors would be (save_for_backward and
+    saved_tensors cost 3 us more). The arguments that take no gradient travel in
+    one tuple: every tensor argument of a Function costs time."""
 
     @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum,
-                eps, fmt):
+    def forward(ctx, input, weight, bias, residual, rest):
+        running_mean, running_var, training, momentum, eps, fmt, act = rest
         x = _canonical(input, fmt)
-        ctx.xn, ctx.wn = _np(x), _np(weight)
-        y, ctx.mean, ctx.invstd = _forward(ctx.xn, _np(running_mean), _np(running_var),
-                                           ctx.wn, _np(bias), training, momentum, eps, fmt)
-        if training:
-            _written(running_mean, running_var)
-        else:
-            ctx.mean, ctx.invstd = _eval_stats(running_mean, running_var, eps)
-        ctx.save_for_backward(x, weight)
-        ctx.training, ctx.fmt = training, fmt
+        xn, wn, bn, rn = _np(x), _np(weight), _np(bias), _np(residual)
+        y, mean, invstd = _forward(xn, _np(running_mean), _np(running_var), wn, bn,
+                                   training, momentum, eps, fmt, rn, act)
+        if not training:
+            mean, invstd = _eval_stats(running_mean, running_var, eps)
+            if act is not None:   # the eval backward masks dy with the output
+                ctx.save_for_backward(y)
+        elif running_mean is not None:
+            _bump_version((running_mean, running_var))
+        # training with ReLU recomputes the mask from bias and the residual too
+        read = (x, weight, bias, residual) if training and act else (x, weight)
+        ctx.state = (xn, wn, bn, rn, mean, invstd, training, fmt, act, read, _versions(read))
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        _ = ctx.saved_tensors   # raises if x or weight was modified in place since the forward
-        dx, dw, db = _backward(dy, ctx.xn, ctx.wn, ctx.mean, ctx.invstd, ctx.training,
-                               ctx.fmt)
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, None, None, dw if need[3] else None,
-                db if need[4] else None, None, None, None, None)
+        if _grad_enabled():   # create_graph=True: no second derivative (raises if one
+            return _once_backward(ctx, dy)   # is asked for); once_differentiable
+        return _function_backward(ctx, dy)   # costs 8 us, so only here
+
+
+def _versions(tensors) -> tuple:
+    return tuple([None if t is None else t._version for t in tensors])
+
+
+def _function_backward(ctx, dy):
+    xn, wn, bn, rn, mean, invstd, training, fmt, act, read, versions = ctx.state
+    if _versions(read) != versions:
+        raise RuntimeError("one of the variables needed for gradient computation has been "
+                           "modified by an inplace operation: an input of "
+                           "bncy.torch.batch_norm, since its forward")
+    if act is not None and not training:
+        dy = _relu_masked(dy, ctx.saved_tensors[0])
+    dx, dw, db, dres = _backward(dy, xn, wn, mean, invstd, training, fmt, bn, rn, act)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+            dres if need[3] else None, None)
+
+
+_once_backward = once_differentiable(_function_backward)
+
+# Function.apply without its Python wrapper (8 us), which routes functorch
+# transforms and binds the defaults of a setup_context: _eager_format sends every
+# call under a transform elsewhere, and the Function has no setup_context.
+_apply = super(torch.autograd.Function, _BatchNormFunction).apply
+_grad_enabled = torch.is_grad_enabled
 
 
 def _eager(input) -> bool:
@@ -337,8 +424,8 @@ def _eager(input) -> bool:
     a non-tensor stays here, to be refused by _check."""
     if type(input) is not torch.Tensor:
         return not isinstance(input, torch.Tensor)
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(input))
+    return not (_compiling() or _dispatch_depth() or _transforms_active()
+                or _wrapped(input))
 
 
 # ---------------------------------------------------------------------------
@@ -348,25 +435,32 @@ def _eager(input) -> bool:
 @torch.library.custom_op(
     "bncy::batch_norm", mutates_args=(),
     schema="(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight, "
-           "Tensor? bias, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
-def _op_batch_norm(input, running_mean, running_var, weight, bias, training, eps):
-    """(y, mean, invstd, m2): training uses the batch statistics and leaves the
-    running ones alone (bncy::update_running_stats updates them with mean and m2);
-    eval uses the running statistics (mean, invstd their float64 form, m2 zeros)."""
-    fmt = _check(input, running_mean, running_var, weight, bias, training, 0.0, eps)
-    x = _canonical(input, fmt)
+           "Tensor? bias, bool training, float eps, Tensor? residual=None, "
+           "str? activation=None) -> (Tensor, Tensor, Tensor, Tensor)")
+def _op_batch_norm(input, running_mean, running_var, weight, bias, training, eps,
+                   residual=None, activation=None):
+    """(y, mean, invstd, var), y = activation(bn(input) + residual): training uses
+    the batch statistics and leaves the running ones alone
+    (bncy::update_running_stats updates them with mean and var, the unbiased batch
+    variance); eval uses the running statistics (mean and invstd their float64
+    form, var zeros)."""
+    fmt = _check(input, running_mean, running_var, weight, bias, training, 0.0, eps,
+                 residual=residual, activation=activation)
+    xn, rn = _np(_canonical(input, fmt)), _np(residual)
     if training:
-        y, mean, invstd, m2 = _forward_split(x, weight, bias, eps, fmt)
+        y, mean, invstd, var = _forward_unbiased(xn, _np(weight), _np(bias), eps, fmt, rn,
+                                                 activation)
     else:
-        y = _forward(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias),
-                     False, 0.0, eps, fmt)[0]
+        y = _forward(xn, _np(running_mean), _np(running_var), _np(weight), _np(bias),
+                     False, 0.0, eps, fmt, rn, activation)[0]
         mean, invstd = _eval_stats(running_mean, running_var, eps)
-        m2 = np.zeros_like(mean)
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(m2)
+        var = np.zeros_like(mean)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(var)
 
 
 @_op_batch_norm.register_fake
-def _(input, running_mean, running_var, weight, bias, training, eps):
+def _(input, running_mean, running_var, weight, bias, training, eps, residual=None,
+      activation=None):
     C = input.shape[1]
     y = torch.empty_like(input, memory_format=_memory_format(input))
     return (y, *(input.new_empty((C,), dtype=torch.float64) for _ in range(3)))
@@ -375,36 +469,55 @@ def _(input, running_mean, running_var, weight, bias, training, eps):
 @torch.library.custom_op(
     "bncy::batch_norm_backward", mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-           "bool training) -> (Tensor, Tensor, Tensor)")
-def _op_batch_norm_backward(grad_out, input, weight, mean, invstd, training):
-    """(dx, dweight, dbias) of bncy::batch_norm; dweight and dbias also without weight."""
+           "bool training, Tensor? bias=None, Tensor? residual=None, "
+           "str? activation=None) -> (Tensor, Tensor, Tensor, Tensor)")
+def _op_batch_norm_backward(grad_out, input, weight, mean, invstd, training, bias=None,
+                            residual=None, activation=None):
+    """(dx, dweight, dbias, dresidual) of bncy::batch_norm; dweight and dbias also
+    without weight. activation: training only (an eval-mode caller masks grad_out
+    itself); dresidual is the residual's gradient when bncy computes it (training
+    with an activation and a residual), else empty."""
     fmt = _memory_format(input)
-    return _backward(grad_out, _np(_canonical(input, fmt)), _np(weight), mean.numpy(),
-                     invstd.numpy(), training, fmt)
+    rn = _np(residual) if training and activation else None
+    dx, dw, db, dres = _backward(grad_out, _np(_canonical(input, fmt)), _np(weight),
+                                 mean.numpy(), invstd.numpy(), training, fmt, _np(bias), rn,
+                                 activation if training else None)
+    return dx, dw, db, grad_out.new_empty((0,)) if rn is None else dres
 
 
 @_op_batch_norm_backward.register_fake
-def _(grad_out, input, weight, mean, invstd, training):
-    C = input.shape[1]
-    dx = torch.empty_like(input, memory_format=_memory_format(input))
-    return dx, input.new_empty((C,)), input.new_empty((C,))
+def _(grad_out, input, weight, mean, invstd, training, bias=None, residual=None,
+      activation=None):
+    C, fmt = input.shape[1], _memory_format(input)
+    dx = torch.empty_like(input, memory_format=fmt)
+    dres = grad_out.new_empty((0,)) if not (training and activation and residual is not None) \
+        else torch.empty_like(input, memory_format=fmt)
+    return dx, input.new_empty((C,)), input.new_empty((C,)), dres
 
 
 def _setup_context(ctx, inputs, output):
-    input, _, _, weight, bias, training, _ = inputs
-    _, mean, invstd, m2 = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.training = training
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.mark_non_differentiable(mean, invstd, m2)
+    input, _, _, weight, bias, training, _, residual, activation = inputs
+    y, mean, invstd, var = output
+    # eval with an activation: the backward masks dy with the output
+    ctx.save_for_backward(input, weight, bias, residual, mean, invstd,
+                          y if activation and not training else None)
+    ctx.training, ctx.activation = training, activation
+    ctx.given = weight is not None, bias is not None, residual is not None
+    ctx.mark_non_differentiable(mean, invstd, var)
 
 
-def _op_backward(ctx, dy, _dmean, _dinvstd, _dm2):
-    input, weight, mean, invstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.bncy.batch_norm_backward(dy, input, weight, mean, invstd,
-                                                     ctx.training)
-    return (dx, None, None, dw if ctx.has_weight else None, db if ctx.has_bias else None,
-            None, None)
+def _op_backward(ctx, dy, _dmean, _dinvstd, _dvar):
+    input, weight, bias, residual, mean, invstd, y = ctx.saved_tensors
+    act = ctx.activation
+    if act is not None and not ctx.training:
+        dy, act = _relu_masked(dy, y), None
+    dx, dw, db, dres = torch.ops.bncy.batch_norm_backward(dy, input, weight, mean, invstd,
+                                                          ctx.training, bias, residual, act)
+    if act is None:
+        dres = dy
+    has_weight, has_bias, has_residual = ctx.given
+    return (dx, None, None, dw if has_weight else None, db if has_bias else None, None, None,
+            dres if has_residual else None, None)
 
 
 _op_batch_norm.register_autograd(_op_backward, setup_context=_setup_context)
@@ -412,35 +525,37 @@ _op_batch_norm.register_autograd(_op_backward, setup_context=_setup_context)
 
 @torch.library.custom_op(
     "bncy::update_running_stats", mutates_args=("running_mean", "running_var"),
-    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor m2, "
-           "SymInt count, float momentum) -> ()")
-def _op_update_running_stats(running_mean, running_var, mean, m2, count, momentum):
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+           "float momentum) -> ()")
+def _op_update_running_stats(running_mean, running_var, mean, var, momentum):
     """r = (1 - momentum) * r + momentum * s, with the batch mean and the unbiased
-    batch variance m2 / (count - 1), as bncy.forward updates them."""
+    batch variance var (float64), as bncy.forward updates them."""
     _check_tensor(running_mean, "running_mean")
     if running_mean.dim() != 1:
         raise ValueError(f"bncy.torch: running_mean must be 1-D, got shape "
                          f"{tuple(running_mean.shape)}")
-    _check_vector(running_var, "running_var", running_mean.shape[0], running_mean.dtype)
+    C = running_mean.shape[0]
+    _check_vector(running_var, "running_var", C, running_mean.dtype)
+    _check_vector(mean, "mean", C, torch.float64)
+    _check_vector(var, "var", C, torch.float64)
     _check_real(momentum, "momentum", 0.0, 1.0)
-    _update_running(running_mean, running_var, mean.numpy(), m2.numpy(), count, momentum)
+    _update_running(running_mean, running_var, mean.numpy(), var.numpy(), momentum)
 
 
 @_op_update_running_stats.register_fake
-def _(running_mean, running_var, mean, m2, count, momentum):
+def _(running_mean, running_var, mean, var, momentum):
     return None
 
 
 def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum,
-                    eps):
+                    eps, residual, activation):
     """batch_norm through the custom ops (traceable, no graph break). The running
     statistics go to bncy::batch_norm in training too, to be checked there."""
-    y, mean, _, m2 = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
-                                               bias, bool(training), eps)
+    y, mean, _, var = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
+                                                bias, bool(training), eps, residual,
+                                                activation)
     if training and running_mean is not None and running_var is not None:
-        count = input.numel() // input.shape[1]
-        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, m2, count,
-                                            momentum)
+        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum)
     return y
 
 
@@ -449,9 +564,11 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
 # ---------------------------------------------------------------------------
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               residual=None, activation: str | None = None):
     """Batch normalization over dimension 1, ``torch.nn.functional.batch_norm``'s
-    signature and semantics, computed by bncy.
+    signature and semantics, computed by bncy; optionally fused with a residual
+    add and a ReLU: ``activation(batch_norm(input, ...) + residual)`` in one pass.
 
     Parameters
     ----------
@@ -471,6 +588,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         In [0, 1].
     eps : float, default 1e-5
         Finite and > 0 (>= 0 in eval mode), as in torch.
+    residual : Tensor, optional
+        Of input's shape and dtype (any strides), added to the normalized result;
+        differentiable.
+    activation : None or "relu", default None
+        Applied last; its gradient is torch's (dy where the output is > 0).
 
     Returns
     -------
@@ -484,9 +606,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         A dtype other than float32/float64 (half precision included), a tensor
         not on the CPU or not dense, an argument of the wrong kind.
     ValueError
-        A wrong shape, fewer than 2 values per channel when training, missing
-        running statistics in eval mode, momentum or eps out of range. Nothing
-        is written when an exception is raised.
+        A wrong shape (the residual's included), fewer than 2 values per
+        channel when training, missing running statistics in eval mode,
+        momentum or eps out of range, an activation other than None and
+        "relu". Nothing is written when an exception is raised.
 
     Notes
     -----
@@ -496,30 +619,30 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
     through the ``bncy::batch_norm`` and ``bncy::update_running_stats`` custom
     ops, with the same bits.
     """
-    if not _eager(input):
-        return _batch_norm_ops(input, running_mean, running_var, weight, bias, training,
-                               momentum, eps)
-    args = (input, running_mean, running_var, weight, bias, bool(training), momentum, eps)
-    fmt = _quick_check(*args[:6], eps)
+    fmt = _eager_format(input, running_mean, running_var, weight, bias, training, eps,
+                        residual, activation)
     if fmt is None:
-        fmt = _check(*args)
+        if not _eager(input):
+            return _batch_norm_ops(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, residual, activation)
+        fmt = _check(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     residual=residual, activation=activation)
+    training = bool(training)
     try:
-        return _eager_batch_norm(*args, fmt)
+        if _grad_enabled() and (input.requires_grad
+                                or (weight is not None and weight.requires_grad)
+                                or (bias is not None and bias.requires_grad)
+                                or (residual is not None and residual.requires_grad)):
+            return _apply(input, weight, bias, residual, (running_mean, running_var, training,
+                                                          momentum, eps, fmt, activation))
+        y = _forward(_np(_canonical(input, fmt)), _np(running_mean), _np(running_var),
+                     _np(weight), _np(bias), training, momentum, eps, fmt, _np(residual),
+                     activation)[0]
     except (TypeError, ValueError):
-        _check(*args)   # the precise message when an argument is at fault, else bncy's
+        # the precise message when an argument is at fault, else bncy's
+        _check(input, running_mean, running_var, weight, bias, training, momentum, eps,
+               residual=residual, activation=activation)
         raise
-
-
-def _eager_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                      eps, fmt):
-    """batch_norm on NumPy views: under autograd when a gradient is wanted."""
-    if torch.is_grad_enabled() and (input.requires_grad
-                                    or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        return _BatchNormFunction.apply(input, running_mean, running_var, weight, bias,
-                                        training, momentum, eps, fmt)
-    y = _forward(_np(_canonical(input, fmt)), _np(running_mean), _np(running_var), _np(weight),
-                 _np(bias), training, momentum, eps, fmt)[0]
     if training:
         _written(running_mean, running_var)
     return y
@@ -530,7 +653,21 @@ def _eager_batch_norm(input, running_mean, running_var, weight, bias, training, 
 # ---------------------------------------------------------------------------
 
 class _BncyForward:
-    """The forward of torch's _BatchNorm, calling :func:`batch_norm`."""
+    """The forward of torch's _BatchNorm, calling :func:`batch_norm`, with an
+    optional fused activation (constructor keyword ``activation=None|"relu"``)
+    and residual (``forward(input, residual=None)``)."""
+
+    activation = None   # the class default: the modules made by convert() have none
+
+    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _check_activation(activation)
+        if activation is not None:
+            self.activation = activation
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.activation is None else f"{s}, activation={self.activation!r}"
 
     def _factor(self) -> float:
         """The running statistics' momentum for this call: ``momentum``, or with
@@ -555,19 +692,22 @@ class _BncyForward:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
         if isinstance(input, torch.Tensor):   # else batch_norm's TypeError
             self._check_input_dim(input)
         running_mean, running_var, use_batch = self._arguments()
         y = batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
-                       self._factor(), self.eps)
+                       self._factor(), self.eps, residual=residual,
+                       activation=self.activation)
         self._count_batch()
         return y
 
 
 class BatchNorm1d(_BncyForward, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` computed by bncy: same constructor, attributes and
-    ``state_dict``; (N, C) or (N, C, L) float32/float64 CPU input."""
+    ``state_dict``; (N, C) or (N, C, L) float32/float64 CPU input. Also
+    ``activation="relu"`` and ``forward(input, residual)``: ``relu(bn(input) +
+    residual)`` in one pass (the same in BatchNorm2d and BatchNorm3d)."""
 
 
 class BatchNorm2d(_BncyForward, nn.BatchNorm2d):
@@ -604,6 +744,10 @@ def _swap(model, classes: dict, **attributes):
                         f"{type(model).__name__}")
     targets = [(n, m) for n, m in model.named_modules() if type(m) in classes]
     _check_on_cpu(targets)
+    for name, m in targets:
+        if classes is _TO_SYNC and getattr(m, "activation", None) is not None:
+            raise ValueError(f"bncy.torch: {name or 'the model'} has activation="
+                             f"{m.activation!r}; SyncBatchNorm fuses none")
     for _, m in targets:
         m.__class__ = classes[type(m)]
         m.__dict__.update(attributes)
@@ -844,25 +988,11 @@ _TO_SYNC = {cls: SyncBatchNorm for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.Ba
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Make every batch norm module of a model a :class:`SyncBatchNorm`, in place.
 
-    Converts modules of exactly the types ``nn.BatchNorm1d/2d/3d``,
-    ``nn.SyncBatchNorm`` and bncy's own, keeping their parameters, buffers,
-    hooks and mode (the same tensors), like :func:`convert`.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    process_group : torch.distributed.ProcessGroup, optional
-        The group whose ranks share statistics; None means the whole world.
-
-    Returns
-    -------
-    torch.nn.Module
-        model itself.
-
-    Raises
-    ------
-    TypeError
-        As in :func:`convert`.
+    :func:`convert` (the same result and errors) for modules of exactly the types
+    ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and bncy's own, whose ranks
+    share statistics over ``process_group`` (a ``torch.distributed``
+    ProcessGroup; None means the whole world). A ValueError, and nothing
+    converted, for a bncy module with an activation.
     """
     _prepare_sync()
     return _swap(model, _TO_SYNC, process_group=process_group)

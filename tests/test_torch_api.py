@@ -20,6 +20,7 @@ if not torch.__version__.startswith("2.13.0"):
 
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
+from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 import bncy  # noqa: E402
 import bncy.torch as bt  # noqa: E402
@@ -172,6 +173,127 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(op, (x, w, b))
 
 
+def test_double_backward_is_refused_not_wrong():
+    """create_graph=True works for the first derivative; a second one through the
+    op raises instead of silently being zero."""
+    x = data((8, 3)).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(bt.batch_norm(x, None, None, w, None, True).pow(3).sum(), x,
+                             create_graph=True)
+    x2 = x.detach().clone().requires_grad_()
+    g2, = torch.autograd.grad(F.batch_norm(x2, None, None, w, None, True).pow(3).sum(), x2)
+    torch.testing.assert_close(g.detach(), g2, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("changed", ["input", "weight"])
+def test_in_place_change_before_backward_raises_as_in_torch(changed):
+    """Changing the input or the weight in place between the forward and the
+    backward makes the backward raise, as it does with torch's batch norm."""
+    for fn in (F.batch_norm, bt.batch_norm):
+        x0 = data((6, 3)).requires_grad_()
+        w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+        x = x0 * 1.0
+        y = fn(x, None, None, w, None, True)
+        with torch.no_grad():
+            (x if changed == "input" else w).add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# fused: activation(batch_norm(x) + residual) against torch's relu(F.batch_norm + r)
+# ---------------------------------------------------------------------------
+
+FUSED = [(None, True), ("relu", False), ("relu", True)]   # (activation, with a residual)
+
+
+def _fused_truth(x, rm, rv, w, b, training, r, activation):
+    y = F.batch_norm(x, rm, rv, w, b, training, momentum=0.2, eps=1e-3)
+    y = y if r is None else y + r
+    return torch.relu(y) if activation else y
+
+
+@pytest.mark.parametrize("activation,with_residual", FUSED)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["c", "cl"])
+def test_fused_matches_torch(layout, dtype, training, activation, with_residual):
+    """Output, running statistics and the gradients of x, weight, bias and the
+    residual, against torch's relu(batch_norm(x) + r) in float64. The residual is
+    in another layout (read as it is)."""
+    shape, C = (6, 3, 4, 5), 3
+    w, b, rm, rv = vectors(C, dtype)
+    w.requires_grad_()
+    b.requires_grad_()
+    x = laid_out(data(shape, dtype, offset=0.5), layout).requires_grad_()
+    r = laid_out(data(shape, dtype, seed=5, offset=0.0), "perm").requires_grad_() \
+        if with_residual else None
+    to64 = [t if t is None else t.detach().double().clone().requires_grad_(t.requires_grad)
+            for t in (x, rm, rv, w, b, r)]
+    y = bt.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-3, residual=r,
+                      activation=activation)
+    y64 = _fused_truth(*to64[:5], training, to64[5], activation)
+    assert y.dtype == dtype and y.is_contiguous(
+        memory_format=CL[4] if layout == "cl" else torch.contiguous_format)
+    if activation:
+        assert 0.2 < float((y64 == 0).double().mean()) < 0.8     # the mask matters
+    assert_close(y, y64, dtype, scale=10)
+    assert_close(rm, to64[1], dtype)
+    assert_close(rv, to64[2], dtype)
+    dy = data(shape, dtype, seed=9, offset=0.0)
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    truths = torch.autograd.grad(y64, [t for t in (to64[0], *to64[3:]) if t is not None],
+                                 dy.double())
+    for g, g64 in zip(grads, truths):
+        assert g.dtype == dtype
+        assert_close(g, g64, dtype, scale=x.numel() // C)
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_opcheck(layout, training):
+    x = laid_out(data((4, 3, 5, 6), offset=0.5), layout).requires_grad_()
+    r = laid_out(data((4, 3, 5, 6), seed=5, offset=0.0), layout).requires_grad_()
+    w, b, rm, rv = vectors(3, torch.float64)
+    w.requires_grad_()
+    b.requires_grad_()
+    for args in [(x, rm, rv, w, b, training, 1e-5, r, "relu"),
+                 (x, rm, rv, w, None, training, 1e-5, None, "relu"),
+                 (x, rm, rv, None, b, training, 1e-5, r, None)]:
+        torch.library.opcheck(torch.ops.bncy.batch_norm.default, args)
+    _, mean, invstd, _ = torch.ops.bncy.batch_norm(x, rm, rv, w, b, training, 1e-5, r, "relu")
+    torch.library.opcheck(torch.ops.bncy.batch_norm_backward.default,
+                          (laid_out(data(x.shape, seed=3), layout), x.detach(), w.detach(),
+                           mean, invstd, training, b.detach(), r.detach(), "relu"))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_compile_equals_eager_bitwise(training):
+    """The custom ops (torch.compile, fullgraph) give the eager path's bits for the
+    fused call: output, gradients of x, weight, bias and the residual, running
+    statistics."""
+    w, b, rm, rv = vectors(6, torch.float32)
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def f(x, r, rm, rv):
+        return bt.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-4, residual=r,
+                             activation="relu")
+
+    x = laid_out(data((5, 6, 4, 3), torch.float32, offset=0.5), "cl").requires_grad_()
+    r = data((5, 6, 4, 3), torch.float32, seed=5, offset=0.0).requires_grad_()
+    stats = [(rm.clone(), rv.clone()) for _ in range(2)]
+    eager = _step(lambda x_: f(x_, r, *stats[0]), x, w, b, r)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = _step(lambda x_: compiled(x_, r, *stats[1]), x, w, b, r)
+    for a, e in zip(got, eager):
+        assert torch.equal(a, e)
+    assert torch.equal(stats[1][0], stats[0][0]) and torch.equal(stats[1][1], stats[0][1])
+
+
 # ---------------------------------------------------------------------------
 # memory: NumPy views, no copies for contiguous and channels_last
 # ---------------------------------------------------------------------------
@@ -233,6 +355,11 @@ def _bad_calls():
         (ValueError, "positive", dict(eps=0.0)),
         (ValueError, "more than 1 value", dict(input=x[:1, :, :1, :1])),
         (ValueError, "channels", dict(input=x[:, :0])),
+        (ValueError, "activation", dict(activation="gelu")),
+        (TypeError, "activation", dict(activation=1)),
+        (ValueError, "residual", dict(residual=x[:2])),
+        (TypeError, "residual", dict(residual=x.double())),
+        (TypeError, "residual", dict(residual=x.numpy())),
     ], (x, w, b, rm, rv)
 
 
@@ -287,7 +414,7 @@ def test_opcheck(layout, training):
                            mean, invstd, training))
     if training:
         torch.library.opcheck(torch.ops.bncy.update_running_stats.default,
-                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 40, 0.1))
+                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 0.1))
 
 
 def _step(fn, x, *params):
@@ -368,6 +495,38 @@ def test_modules_match_torch_modules(mine, theirs, shape, config):
             torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-13, msg=k)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_module_with_activation_matches_torch(training):
+    """BatchNorm2d(activation="relu")(x, r) against relu(nn.BatchNorm2d(x) + r):
+    outputs, running statistics and gradients over 2 steps (float64)."""
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    with torch.no_grad():
+        for t in (ref.weight, ref.bias, ref.running_mean):
+            t.normal_()
+    mine = bt.BatchNorm2d(3, momentum=None, dtype=torch.float64, activation="relu")
+    mine.load_state_dict(ref.state_dict())
+    assert "activation='relu'" in repr(mine)
+    for m in (ref, mine):
+        m.train(training)
+    for step in range(2):
+        x = data((4, 3, 5, 5), seed=step, offset=0.0).requires_grad_()
+        r = data((4, 3, 5, 5), seed=10 + step, offset=0.0).requires_grad_()
+        x2, r2 = (t.detach().clone().requires_grad_() for t in (x, r))
+        y, y2 = mine(x, r), torch.relu(ref(x2) + r2)
+        torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+        g = torch.autograd.grad(y.sum(), (x, r, mine.weight, mine.bias))
+        g2 = torch.autograd.grad(y2.sum(), (x2, r2, ref.weight, ref.bias))
+        torch.testing.assert_close(g, g2, rtol=1e-10, atol=1e-10)
+    for a, b in zip(mine.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="activation"):
+        bt.BatchNorm1d(3, activation="tanh")
+    with pytest.raises(ValueError, match="SyncBatchNorm fuses none"):
+        bt.convert_sync_batchnorm(seq := nn.Sequential(nn.BatchNorm1d(3), mine))
+    assert type(seq[0]) is nn.BatchNorm1d and type(mine) is bt.BatchNorm2d   # untouched
+
+
 def test_state_dicts_are_interchangeable():
     t = nn.BatchNorm2d(4)
     t(data((3, 4, 2, 2), torch.float32))
@@ -434,38 +593,8 @@ def test_an_optimizer_built_before_convert_still_trains():
 
 
 # ---------------------------------------------------------------------------
-# a ResNet-18-shaped model: basic blocks of conv-BN-ReLU
+# a ResNet-18-shaped model (tests/torch_resnet.py), converted
 # ---------------------------------------------------------------------------
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-def resnet18(width=8, classes=10):
-    """ResNet-18's layout (a stem, four stages of two basic blocks), narrow."""
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    cin = width
-    for i, stride in enumerate((1, 2, 2, 2)):
-        cout = width << i
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    return nn.Sequential(*layers)
-
 
 def _train(model, steps, seed=0, dtype=torch.float32, layout="c"):
     """Losses, outputs and parameter gradients of SGD steps on fixed batches."""
@@ -486,7 +615,7 @@ def _train(model, steps, seed=0, dtype=torch.float32, layout="c"):
 
 def _model(dtype=torch.float32, layout="c"):
     torch.manual_seed(0)
-    m = resnet18().to(dtype)
+    m = resnet18(width=8, classes=10, small_input=True).to(dtype)
     return m.to(memory_format=torch.channels_last) if layout == "cl" else m
 
 

@@ -6,14 +6,18 @@
     python tools/bench_torch.py --json out.json
 
 Per case and thread count, in one process, the calls of both libraries are
-interleaved (one of each per round) and the median of the rounds is reported:
+interleaved (one of each per round) and the minimum over the rounds is reported
+(the medians are in the JSON):
 
 * forward: a training-mode call with running statistics, under torch.no_grad();
 * backward: the backward of one graph, replayed (retain_graph=True) for
   dx, dweight and dbias;
 * fwd+bwd: a fresh training step, y = bn(x) then torch.autograd.grad(y, (x, w, b), dy);
 * numpy: bncy.forward / bncy.backward on NumPy views of the same memory: what
-  bncy.torch adds over bncy itself is the difference.
+  bncy.torch adds over bncy itself is the difference;
+* floor (fwd+bwd only): the same step through a torch.autograd.Function that
+  computes nothing (its forward and backward return new empty tensors): the
+  least that autograd costs a Python-defined op, whatever it computes.
 
 bncy.torch is ``bncy.torch.batch_norm`` (the eager path); torch is
 ``torch.nn.functional.batch_norm``. Outputs are new tensors on every call, as in
@@ -24,16 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import bncy
 import bncy.torch as bt
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from torch_resnet import resnet18  # noqa: E402  (tests/torch_resnet.py)
 
 SHAPES = [
     ("(64, 256)", (64, 256), False, torch.float32),
@@ -46,23 +54,41 @@ SHAPES = [
 
 
 def _rounds(fns: dict, repeats: int, budget: float) -> dict:
-    """Median seconds of each function, called in turn once per round (after one
-    warm-up round), for up to ``repeats`` rounds or ``budget`` seconds. The order
-    rotates from round to round, so that no function always runs after the same
-    one (whose data may still be in cache)."""
-    for f in fns.values():
+    """{name: (minimum, median)} seconds per call of each function. Each round
+    calls every function in turn, each in a loop of as many calls as take about
+    2 ms (one for slow calls; sized in a warm-up round), for up to ``repeats``
+    rounds or ``budget`` seconds. The order rotates from round to round, so that
+    no function always runs after the same one (whose data may still be in cache)."""
+    loops = {}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
         f()
+        loops[k] = max(1, min(50, int(2e-3 / max(time.perf_counter() - t0, 1e-6))))
     items = list(fns.items())
     times = {k: [] for k in fns}
     end = time.perf_counter() + budget
     for r in range(repeats):
         for k, f in items[r % len(items):] + items[:r % len(items)]:
+            n = loops[k]
             t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(n):
+                f()
+            times[k].append((time.perf_counter() - t0) / n)
         if r >= 4 and time.perf_counter() > end:
             break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+class _Nothing(torch.autograd.Function):
+    """A Function that computes nothing: autograd's own cost (see floor above)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return torch.empty_like(dy), dy.new_empty(dy.shape[1]), dy.new_empty(dy.shape[1])
 
 
 def _case(shape, channels_last, dtype):
@@ -97,9 +123,10 @@ def _case(shape, channels_last, dtype):
 
     nt = torch.get_num_threads
 
-    def numpy_step():
-        _, m, s = bncy.forward(xn, wn, bn_, running_mean=rmn, running_var=rvn, n_threads=nt())
+    def numpy_step():   # y lives until after the backward, as in a training step
+        y, m, s = bncy.forward(xn, wn, bn_, running_mean=rmn, running_var=rvn, n_threads=nt())
         bncy.backward(dyn, xn, m, s, wn, n_threads=nt())
+        return y
 
     return {
         ("forward", "bncy.torch"): forward(bt.batch_norm),
@@ -113,6 +140,8 @@ def _case(shape, channels_last, dtype):
         ("fwd+bwd", "bncy.torch"): step(bt.batch_norm),
         ("fwd+bwd", "torch"): step(F.batch_norm),
         ("fwd+bwd", "numpy"): lambda: numpy_step(),
+        ("fwd+bwd", "floor"): lambda: torch.autograd.grad(_Nothing.apply(xg, w, b), (xg, w, b),
+                                                          dy),
     }
 
 
@@ -128,58 +157,36 @@ def run_ops(threads, shapes, repeats, budget):
             calls = _case(shape, cl, dtype)
             t = _rounds(calls, repeats, budget)
             for op in ("forward", "backward", "fwd+bwd"):
-                rows.append({"case": label, "dtype": str(dtype).removeprefix("torch."),
-                             "op": op, "threads": nt, "bncy_torch_s": t[(op, "bncy.torch")],
-                             "torch_s": t[(op, "torch")], "numpy_s": t.get((op, "numpy"))})
+                row = {"case": label, "dtype": str(dtype).removeprefix("torch."), "op": op,
+                       "threads": nt}
+                for who in ("bncy.torch", "torch", "numpy", "floor"):
+                    if (op, who) in t:
+                        key = who.replace(".", "_")
+                        row[f"{key}_s"], row[f"{key}_median_s"] = t[(op, who)]
+                rows.append(row)
             del calls
     return rows
 
 
 def print_ops(rows):
     print(f"{'case':32s} {'dtype':8s} {'op':9s} {'thr':>3s} {'bncy.torch':>11s} "
-          f"{'torch':>10s} {'vs torch':>9s} {'numpy':>10s} {'over numpy':>11s}")
+          f"{'torch':>10s} {'vs torch':>9s} {'numpy':>10s} {'over numpy':>11s} "
+          f"{'floor':>10s} {'over np+floor':>14s}")
     for r in rows:
-        numpy = r["numpy_s"]
+        numpy, floor = r.get("numpy_s"), r.get("floor_s")
         over = "-" if numpy is None else f"{(r['bncy_torch_s'] - numpy) * 1e6:+.1f} us"
+        over_floor = "-" if floor is None else \
+            f"{(r['bncy_torch_s'] - numpy - floor) * 1e6:+.1f} us"
         print(f"{r['case']:32s} {r['dtype']:8s} {r['op']:9s} {r['threads']:>3d} "
               f"{_fmt(r['bncy_torch_s']):>11s} {_fmt(r['torch_s']):>10s} "
               f"{r['torch_s'] / r['bncy_torch_s']:>8.2f}x "
-              f"{'-' if numpy is None else _fmt(numpy):>10s} {over:>11s}")
+              f"{'-' if numpy is None else _fmt(numpy):>10s} {over:>11s} "
+              f"{'-' if floor is None else _fmt(floor):>10s} {over_floor:>14s}")
 
 
 # ---------------------------------------------------------------------------
-# A ResNet-18 training step (torchvision's layout, defined here)
+# A ResNet-18 training step (torchvision's layout: tests/torch_resnet.py)
 # ---------------------------------------------------------------------------
-
-class _Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-def resnet18(classes=1000):
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-              nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for i, stride in enumerate((1, 2, 2, 2)):
-        cout = 64 << i
-        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    return nn.Sequential(*layers)
-
 
 def run_resnet(threads, repeats, budget, batch=16, size=112, channels_last=False):
     """Seconds per SGD step (forward, cross-entropy, backward, update), torch's batch
@@ -206,7 +213,9 @@ def run_resnet(threads, repeats, budget, batch=16, size=112, channels_last=False
         t = _rounds(steps, repeats, budget)
         rows.append({"case": f"ResNet-18 step, batch {batch}, {size}x{size}"
                      + (", channels_last" if channels_last else ""), "threads": nt,
-                     "bncy_torch_s": t["bncy.torch"], "torch_s": t["torch"]})
+                     "bncy_torch_s": t["bncy.torch"][0], "torch_s": t["torch"][0],
+                     "bncy_torch_median_s": t["bncy.torch"][1],
+                     "torch_median_s": t["torch"][1]})
     return rows
 
 
@@ -229,7 +238,7 @@ def main(argv=None):
     threads = [int(v) for v in args.threads.split(",")]
     print(f"bncy {bncy.__version__} (isa {bncy.isa()}, OpenMP {bncy.openmp_enabled()}), "
           f"torch {torch.__version__}, Python {platform.python_version()}, "
-          f"{platform.machine()}; medians of interleaved rounds")
+          f"{platform.machine()}; minima of interleaved rounds")
     out = {}
     if not args.resnet_only:
         shapes = SHAPES[:2] if args.quick else SHAPES
