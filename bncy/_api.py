@@ -500,8 +500,9 @@ class _TrainPlan:
 class _GradPlan:
     """A validated backward (bncy.backward, grad_stats, apply_grad) call."""
 
-    __slots__ = ("x3", "y3", "dy3", "res3", "dres3", "relu", "result", "dres_result", "dres_back", "k",
-                 "nt", "C", "count", "dtype", "mean", "invstd", "gamma", "shift")
+    __slots__ = ("x3", "y3", "dy3", "res3", "dres3", "relu", "result", "dres_result",
+                 "dres_back", "k", "nt", "C", "count", "dtype", "mean", "invstd", "gamma",
+                 "shift")
 
 
 class _InferPlan:

@@ -13,7 +13,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import bncy
-from bncy import _api, reference
+from bncy import reference
 from conftest import CASES, case_id, make
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -178,7 +178,7 @@ def test_statistics_equal_the_float32_paths_bit_for_bit(case, dtype):
 
 
 # ---------------------------------------------------------------------------
-# determinism: threads, builds, knobs
+# determinism: threads (builds: test_numerics.py; knobs: test_knobs.py)
 # ---------------------------------------------------------------------------
 
 DET = [((1000, 37), 1), ((70, 1301), 1), ((300, 7, 5), 1), ((6, 5, 33, 33), 1),
@@ -203,32 +203,7 @@ def test_bitwise_identical_for_every_thread_count(shape, axis, dtype, force_thre
     assert all(r == results[0] for r in results[1:])
 
 
-@pytest.mark.parametrize("shape", [(300, 37, 1), (20, 7, 5), (3, 4, 5000), (70, 1301, 1),
-                                   (2000, 3, 1), (12801, 500, 1)])
-def test_every_build_agrees_bitwise(shape):
-    """Every ISA build converts and rounds with the same arithmetic."""
-    mods = _api._BUILDS
-    if len(mods) == 1:
-        pytest.skip("this CPU runs only the baseline build")
-    rng = np.random.default_rng(6)
-    for dtype in HALF:
-        x, dy, g, b = _inputs(shape, 1, dtype, rng, offset=50.0, scale=3.0)
-        xb, dyb = _api._bits(x), _api._bits(dy)
-        C = shape[1]
-        out = {}
-        for mod in mods:
-            m, m2 = np.empty(C), np.empty(C)
-            mod.moments(xb, m, m2, 2)
-            y = np.empty_like(xb)
-            mod.affine(xb, m, 1 / np.sqrt(m2 + 1.0), np.ones(C), y, 2)
-            s1, s2 = np.empty(C), np.empty(C)
-            mod.grad_sums(dyb, xb, m, s1, s2, 2)
-            dx = np.empty_like(xb)
-            mod.grad_input(dyb, xb, m, 1 / np.sqrt(m2 + 1.0), s1, s2, np.ones(C), dx, 2)
-            out[mod.isa()] = [a.tobytes() for a in (m, m2, y, s1, s2, dx)]
-        first = out["baseline"]
-        for isa, res in out.items():
-            assert res == first, (isa, dtype)
+# (every ISA build agrees bitwise on 16-bit data too: tests/test_numerics.py)
 
 
 # ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ text = index.read_text()
 
 
 def local(m):
-    tag, attr, url = m.group(0), m.group(1), m.group(2)
+    tag, url = m.group(0), m.group(2)
     for tail, name in MAP.items():
         if url.endswith(tail):
             tag = tag.replace(url, "vendor/" + name)
