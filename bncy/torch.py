@@ -31,6 +31,13 @@ for an op that mutates its arguments, so the op is split in two:
 * ``bncy::update_running_stats(running_mean!, running_var!, mean, var,
   momentum)``, which declares the running statistics as mutated arguments.
 
+dtypes: float32, float64, float16 and bfloat16 (bfloat16 through ml_dtypes,
+imported on first use). Weight, bias and the running statistics share one
+dtype, torch's CPU rule: the input's, or float32 for a 16-bit input. The output
+has the input's dtype, dweight and dbias the weight's. 16-bit running
+statistics are updated through a float32 copy (bncy updates float32/float64
+ones in place) and rounded back to nearest even.
+
 Results are bitwise identical for every ``torch.set_num_threads`` and between
 the eager and the compiled paths.
 """
@@ -59,6 +66,7 @@ __all__ = [
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
+_DTYPES = (*_FLOATS, *_HALVES)   # SyncBatchNorm's dtype codes are indices here
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -81,28 +89,44 @@ def _not_dense_cpu(t, name: str):
 
 
 def _check_tensor(t, name: str) -> None:
-    """A dense CPU tensor of float32 or float64, else TypeError."""
+    """A dense CPU tensor of float32, float64, float16 or bfloat16 (with ml_dtypes
+    installed), else TypeError."""
     if not isinstance(t, torch.Tensor):
         raise _not_tensor(t, name)
     if (exc := _not_dense_cpu(t, name)) is not None:
         raise exc
-    if t.dtype not in _FLOATS:
-        if t.dtype in _HALVES:
-            raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}; half precision is not "
-                            "supported yet (use float32)")
+    if t.dtype not in _DTYPES:
         raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}; supported dtypes are "
-                        "float32 and float64")
+                        "float32, float64, float16 and bfloat16")
+    if t.dtype is torch.bfloat16:
+        _np_bfloat16()
+
+
+def _param_dtype(input, vectors):
+    """The dtype that weight, bias and the running statistics share, as torch's CPU
+    batch_norm wants it: the input's, or float32 for a float16/bfloat16 input
+    (mixed precision); the first given vector decides. TypeError otherwise."""
+    dtype = input.dtype
+    for t, name in vectors:
+        if isinstance(t, torch.Tensor):
+            if t.dtype is dtype or (t.dtype is torch.float32 and dtype in _HALVES):
+                return t.dtype
+            extra = " or float32" if dtype in _HALVES else ""
+            raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}, expected the input's "
+                            f"dtype {dtype}{extra}")
+    return dtype
 
 
 def _check_vector(t, name: str, C: int, dtype) -> None:
-    """None, or a dense CPU tensor of shape (C,) and the input's dtype (checked)."""
+    """None, or a dense CPU tensor of shape (C,) and dtype (checked)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise _not_tensor(t, name)
     if t.dtype is not dtype:
-        raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}, expected the input's "
-                        f"dtype {dtype}")
+        raise TypeError(f"bncy.torch: {name} has dtype {t.dtype}, expected {dtype} (weight, "
+                        "bias and the running statistics share one dtype: the input's, or "
+                        "float32 for a float16/bfloat16 input)")
     if (exc := _not_dense_cpu(t, name)) is not None:
         raise exc
     if t.shape != (C,):
@@ -147,9 +171,11 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         want = "at least 1" if channels is None else str(channels)
         raise ValueError(f"bncy.torch: expected {want} channels, got input of shape "
                          f"{tuple(input.shape)}")
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
-                    (weight, "weight"), (bias, "bias")):
-        _check_vector(t, name, C, input.dtype)
+    vectors = ((running_mean, "running_mean"), (running_var, "running_var"),
+               (weight, "weight"), (bias, "bias"))
+    dtype = _param_dtype(input, vectors)
+    for t, name in vectors:
+        _check_vector(t, name, C, dtype)
     if residual is not None:
         _check_tensor(residual, "residual")
         if residual.dtype is not input.dtype or residual.shape != input.shape:
@@ -241,17 +267,69 @@ def _canonical(t, fmt):
 def _np(t):
     """A NumPy view of a CPU tensor's memory (None stays None). ``.data`` rather
     than ``.detach()`` for a tensor that requires grad: the same memory, half the
-    cost, and no write goes through it that autograd should see."""
+    cost, and no write goes through it that autograd should see. bfloat16, which
+    NumPy does not know, is viewed through its bits as ml_dtypes.bfloat16."""
     if t is None:
         return None
+    if t.dtype is torch.bfloat16:
+        return t.data.view(torch.int16).numpy().view(_np_bfloat16())
     return t.data.numpy() if t.requires_grad else t.numpy()
 
 
 def _tensor(a, fmt=torch.contiguous_format):
     """A tensor over a NumPy result of bncy (no copy), in memory format fmt (bncy
     keeps the input's layout; channels_last gets torch's strides on size-1 axes)."""
-    t = torch.from_numpy(a)
+    if a.dtype.name == "bfloat16":
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
     return t if fmt is torch.contiguous_format else _canonical(t, fmt)
+
+
+_BFLOAT16 = []   # ml_dtypes.bfloat16's NumPy dtype, once imported
+
+
+def _np_bfloat16() -> np.dtype:
+    """ml_dtypes.bfloat16 as a NumPy dtype, imported on first use (only bfloat16
+    tensors need it); TypeError naming the package when it is not installed."""
+    if not _BFLOAT16:
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise TypeError("bncy.torch: torch.bfloat16 tensors need ml_dtypes (NumPy's "
+                            "bfloat16): pip install ml_dtypes") from exc
+        _BFLOAT16.append(np.dtype(ml_dtypes.bfloat16))
+    return _BFLOAT16[0]
+
+
+def _vector(a, dtype):
+    """A (C,) NumPy result of bncy (float32 for 16-bit data, or float64) as a tensor
+    of dtype, rounded once to nearest even from float32 for a 16-bit dtype."""
+    t = torch.from_numpy(a)
+    if dtype in _HALVES and t.dtype is torch.float64:
+        t = t.float()
+    return t if t.dtype is dtype else t.to(dtype)
+
+
+def _grad_dtype(input, weight, bias):
+    """dweight's and dbias's dtype: the parameters' (float32 for 16-bit input
+    without them, bncy's own)."""
+    for t in (weight, bias):
+        if t is not None:
+            return t.dtype
+    return torch.float32 if input.dtype in _HALVES else input.dtype
+
+
+def _widened(a):
+    """Running statistics as bncy takes them: 16-bit ones as a float32 copy (exact;
+    bncy updates only float32/float64 statistics in place), others as they are."""
+    return a if a is None or a.itemsize != 2 else a.astype(np.float32)
+
+
+def _store(dst, src) -> None:
+    """Write an updated float32 copy made by _widened back, rounded to nearest even."""
+    if src is not dst:
+        dst[...] = src
 
 
 def _written(running_mean, running_var) -> None:
@@ -282,14 +360,17 @@ def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt, rn=None, act=No
     bncy.forward's one call (the caller bumps their version); in eval mode (None,
     None) (see _eval_stats)."""
     nt = torch.get_num_threads()
+    rm32, rv32 = _widened(rmn), _widened(rvn)
     if training:
-        y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=rmn,
-                                       running_var=rvn, momentum=momentum, n_threads=nt,
+        y, mean, invstd = bncy.forward(xn, wn, bn, eps=eps, axis=1, running_mean=rm32,
+                                       running_var=rv32, momentum=momentum, n_threads=nt,
                                        residual=rn, activation=act)
+        _store(rmn, rm32)
+        _store(rvn, rv32)
         return _tensor(y, fmt), mean, invstd
     if xn.size == 0:
         return _tensor(np.empty(xn.shape, xn.dtype), fmt), None, None
-    y = bncy.inference(xn, rmn, rvn, wn, bn, eps=eps, axis=1, n_threads=nt, residual=rn,
+    y = bncy.inference(xn, rm32, rv32, wn, bn, eps=eps, axis=1, n_threads=nt, residual=rn,
                        activation=act)
     return _tensor(y, fmt), None, None
 
@@ -312,13 +393,16 @@ def _update_running(running_mean, running_var, mean, var, momentum: float):
     """r = (1 - momentum) * r + momentum * s in place, with the batch mean and the
     unbiased batch variance var: bncy.apply_stats on an empty part, whose update is
     bncy.forward's. Its m2 / (count - 1) is var itself with count 2."""
-    rmn = _np(running_mean)
-    bncy.apply_stats(np.empty((0, rmn.shape[0]), rmn.dtype), bncy.BatchStats(2, mean, var),
-                     running_mean=rmn, running_var=_np(running_var), momentum=momentum)
+    rmn, rvn = _np(running_mean), _np(running_var)
+    rm32, rv32 = _widened(rmn), _widened(rvn)
+    bncy.apply_stats(np.empty((0, rmn.shape[0]), rm32.dtype), bncy.BatchStats(2, mean, var),
+                     running_mean=rm32, running_var=rv32, momentum=momentum)
+    _store(rmn, rm32)
+    _store(rvn, rv32)
     _written(running_mean, running_var)
 
 
-def _backward(dy, xn, wn, mean, invstd, training, fmt, bn=None, rn=None, act=None):
+def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, act=None):
     """(dx, dweight, dbias, dresidual) tensors (dresidual None without a residual
     rn), from dy, NumPy views of x, weight, bias and the residual (or None) and the
     float64 statistics of the forward. Training: bncy's closed form (bncy.backward;
@@ -326,26 +410,24 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt, bn=None, rn=None, act=Non
     residual). Eval: the gradient of the per-channel affine map, dx = weight *
     invstd * dy, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy), with dy
     already masked by the caller for an activation. The residual's gradient is dy
-    (masked with an activation)."""
+    (masked with an activation). dweight and dbias come in dtype gdt."""
     dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
     if training:
         r = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt, beta=bn,
                           residual=rn if act else None, activation=act)
         dres = None if rn is None else dy if act is None else _tensor(r[3], fmt)
-        return _tensor(r[0], fmt), torch.from_numpy(r[1]), torch.from_numpy(r[2]), dres
+        return _tensor(r[0], fmt), _vector(r[1], gdt), _vector(r[2], gdt), dres
     dres = None if rn is None else dy
     if xn.size == 0:   # an empty eval-mode batch
-        zeros = np.zeros(xn.shape[1], xn.dtype)
-        return torch.empty_like(dy, memory_format=fmt), torch.from_numpy(zeros), \
-            torch.from_numpy(zeros.copy()), dres
+        return torch.empty_like(dy, memory_format=fmt), torch.zeros(xn.shape[1], dtype=gdt), \
+            torch.zeros(xn.shape[1], dtype=gdt), dres
     sums = bncy.grad_stats(dyn, xn, mean, axis=1, n_threads=nt)
     scale = invstd if wn is None else wn.astype(np.float64) * invstd
     zeros = np.zeros_like(invstd)
     # scale * dy rounded once: inference with mean 0, variance 0 and eps 1 (invstd 1)
     dx = bncy.inference(dyn, zeros, zeros, scale, None, eps=1.0, axis=1, n_threads=nt)
-    dw = (sums.sum_dy_xc * invstd).astype(xn.dtype)
-    return _tensor(dx, fmt), torch.from_numpy(dw), \
-        torch.from_numpy(sums.sum_dy.astype(xn.dtype)), dres
+    return _tensor(dx, fmt), _vector(sums.sum_dy_xc * invstd, gdt), \
+        _vector(np.asarray(sums.sum_dy, np.float64), gdt), dres
 
 
 def _relu_masked(dy, y):
@@ -380,7 +462,8 @@ class _BatchNormFunction(torch.autograd.Function):
             _bump_version((running_mean, running_var))
         # training with ReLU recomputes the mask from bias and the residual too
         read = (x, weight, bias, residual) if training and act else (x, weight)
-        ctx.state = (xn, wn, bn, rn, mean, invstd, training, fmt, act, read, _versions(read))
+        ctx.state = (xn, wn, bn, rn, mean, invstd, training, fmt, act, read, _versions(read),
+                     _grad_dtype(input, weight, bias))
         return y
 
     @staticmethod
@@ -395,14 +478,14 @@ def _versions(tensors) -> tuple:
 
 
 def _function_backward(ctx, dy):
-    xn, wn, bn, rn, mean, invstd, training, fmt, act, read, versions = ctx.state
+    xn, wn, bn, rn, mean, invstd, training, fmt, act, read, versions, gdt = ctx.state
     if _versions(read) != versions:
         raise RuntimeError("one of the variables needed for gradient computation has been "
                            "modified by an inplace operation: an input of "
                            "bncy.torch.batch_norm, since its forward")
     if act is not None and not training:
         dy = _relu_masked(dy, ctx.saved_tensors[0])
-    dx, dw, db, dres = _backward(dy, xn, wn, mean, invstd, training, fmt, bn, rn, act)
+    dx, dw, db, dres = _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn, rn, act)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
             dres if need[3] else None, None)
@@ -480,7 +563,8 @@ def _op_batch_norm_backward(grad_out, input, weight, mean, invstd, training, bia
     fmt = _memory_format(input)
     rn = _np(residual) if training and activation else None
     dx, dw, db, dres = _backward(grad_out, _np(_canonical(input, fmt)), _np(weight),
-                                 mean.numpy(), invstd.numpy(), training, fmt, _np(bias), rn,
+                                 mean.numpy(), invstd.numpy(), training, fmt,
+                                 _grad_dtype(input, weight, bias), _np(bias), rn,
                                  activation if training else None)
     return dx, dw, db, grad_out.new_empty((0,)) if rn is None else dres
 
@@ -492,7 +576,8 @@ def _(grad_out, input, weight, mean, invstd, training, bias=None, residual=None,
     dx = torch.empty_like(input, memory_format=fmt)
     dres = grad_out.new_empty((0,)) if not (training and activation and residual is not None) \
         else torch.empty_like(input, memory_format=fmt)
-    return dx, input.new_empty((C,)), input.new_empty((C,)), dres
+    gdt = _grad_dtype(input, weight, bias)
+    return dx, input.new_empty((C,), dtype=gdt), input.new_empty((C,), dtype=gdt), dres
 
 
 def _setup_context(ctx, inputs, output):
@@ -572,16 +657,19 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
 
     Parameters
     ----------
-    input : Tensor of shape (N, C, ...), float32 or float64, on the CPU
+    input : Tensor of shape (N, C, ...), float32, float64, float16 or bfloat16, on the CPU
         Contiguous and channels_last (3d) tensors are read in place; other
         strides are copied first. The result has input's memory format
         (channels_last stays channels_last).
     running_mean, running_var : Tensor of shape (C,) or None
-        Both or neither; input's dtype. Used when ``training`` is False; updated
-        in place when it is True: ``r = (1 - momentum) * r + momentum * s`` with
-        the batch mean and the unbiased batch variance.
+        Both or neither. Used when ``training`` is False; updated in place when
+        it is True: ``r = (1 - momentum) * r + momentum * s`` with the batch mean
+        and the unbiased batch variance (16-bit ones through a float32 copy,
+        rounded back to nearest even).
     weight, bias : Tensor of shape (C,), optional
-        Per-channel scale and shift (input's dtype); None means 1 and 0.
+        Per-channel scale and shift; None means 1 and 0. They and the running
+        statistics share one dtype: input's, or float32 for a float16/bfloat16
+        input (torch's CPU mixed precision).
     training : bool, default False
         Normalise with the batch statistics (True) or the running ones.
     momentum : float, default 0.1
@@ -598,13 +686,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
     -------
     Tensor
         Of input's shape, dtype and memory format; differentiable with respect to
-        input, weight and bias (bncy's closed-form backward; not twice).
+        input, weight and bias (bncy's closed-form backward; not twice); the
+        gradients of weight and bias have weight's dtype.
 
     Raises
     ------
     TypeError
-        A dtype other than float32/float64 (half precision included), a tensor
-        not on the CPU or not dense, an argument of the wrong kind.
+        A dtype other than float32/float64/float16/bfloat16 or a mix torch
+        refuses, bfloat16 without ml_dtypes installed, a tensor not on the CPU
+        or not dense, an argument of the wrong kind.
     ValueError
         A wrong shape (the residual's included), fewer than 2 values per
         channel when training, missing running statistics in eval mode,
@@ -705,20 +795,21 @@ class _BncyForward:
 
 class BatchNorm1d(_BncyForward, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` computed by bncy: same constructor, attributes and
-    ``state_dict``; (N, C) or (N, C, L) float32/float64 CPU input. Also
+    ``state_dict``; (N, C) or (N, C, L) CPU input (float32, float64, float16 or
+    bfloat16). Also
     ``activation="relu"`` and ``forward(input, residual)``: ``relu(bn(input) +
     residual)`` in one pass (the same in BatchNorm2d and BatchNorm3d)."""
 
 
 class BatchNorm2d(_BncyForward, nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` computed by bncy: same constructor, attributes and
-    ``state_dict``; (N, C, H, W) float32/float64 CPU input, contiguous or
+    ``state_dict``; (N, C, H, W) CPU input of a float dtype, contiguous or
     channels_last (read in place, result in the same format)."""
 
 
 class BatchNorm3d(_BncyForward, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` computed by bncy: same constructor, attributes and
-    ``state_dict``; (N, C, D, H, W) float32/float64 CPU input, contiguous or
+    ``state_dict``; (N, C, D, H, W) CPU input of a float dtype, contiguous or
     channels_last_3d."""
 
 
@@ -832,7 +923,7 @@ def _exchange(group, C: int, nrows: int, local):
             raise _ERRORS[kind](f"bncy.torch.SyncBatchNorm: rank {rank}: {message}")
     codes = [p[1] for p in parts]
     if len(set(codes)) > 1:
-        names = [str(_FLOATS[c]) for c in codes]
+        names = [str(_DTYPES[c]) for c in codes]
         raise TypeError(f"bncy.torch.SyncBatchNorm: ranks disagree on the dtype: {names}")
     return [(count, rows) for _, _, count, rows, _ in parts]
 
@@ -869,18 +960,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         status = _guarded(local)
         if status[0] == "ok":
             _, x, ctx.fmt, part = status
-            status = ("ok", _FLOATS.index(x.dtype), part.count, (part.mean, part.m2))
+            status = ("ok", _DTYPES.index(x.dtype), part.count, (part.mean, part.m2))
         parts = _exchange(group, C, 2, status)
         total = bncy.merge_stats([bncy.BatchStats(n, rows[0], rows[1]) for n, rows in parts])
         if total.count < 2:
             raise ValueError("bncy.torch.SyncBatchNorm: expected more than 1 value per "
                              f"channel when training, got {total.count} over all ranks")
+        rmn, rvn = _np(running_mean), _np(running_var)
+        rm32, rv32 = _widened(rmn), _widened(rvn)
         y, ctx.mean, ctx.invstd = bncy.apply_stats(
-            _np(x), total, _np(weight), _np(bias), eps=eps, axis=1,
-            running_mean=_np(running_mean), running_var=_np(running_var),
-            momentum=momentum, n_threads=torch.get_num_threads())
+            _np(x), total, _np(weight), _np(bias), eps=eps, axis=1, running_mean=rm32,
+            running_var=rv32, momentum=momentum, n_threads=torch.get_num_threads())
+        _store(rmn, rm32)
+        _store(rvn, rv32)
         _written(running_mean, running_var)
         ctx.count, ctx.group, ctx.C = total.count, group, C
+        ctx.gdt = _grad_dtype(input, weight, bias)
         ctx.save_for_backward(x, weight)
         return _tensor(y, ctx.fmt)
 
@@ -893,7 +988,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         def local():
             sums = bncy.grad_stats(dyn, xn, ctx.mean, axis=1, n_threads=nt)
-            return _FLOATS.index(x.dtype), 0, (sums.sum_dy, sums.sum_dy_xc)
+            return _DTYPES.index(x.dtype), 0, (sums.sum_dy, sums.sum_dy_xc)
 
         status = _guarded(local)
         need = ctx.needs_input_grad
@@ -907,8 +1002,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         elif status[0] == "error":
             raise status[1]
         sum_dy, sum_dy_xc = status[3]
-        dw = torch.from_numpy((sum_dy_xc * ctx.invstd).astype(xn.dtype))
-        db = torch.from_numpy(sum_dy.astype(xn.dtype))
+        dw = _vector(sum_dy_xc * ctx.invstd, ctx.gdt)
+        db = _vector(np.asarray(sum_dy, np.float64), ctx.gdt)
         return (dx, dw if need[1] else None, db if need[2] else None,
                 None, None, None, None, None, None)
 

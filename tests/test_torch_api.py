@@ -335,9 +335,12 @@ def _bad_calls():
     w, b, rm, rv = vectors(3, torch.float32)
     meta = torch.empty(4, 3, 2, 2, device="meta")
     return [
-        (TypeError, "half precision", dict(input=x.half())),
-        (TypeError, "half precision", dict(input=x.bfloat16())),
-        (TypeError, "float32 and float64", dict(input=x.int())),
+        (TypeError, "float16 or float32", dict(input=x.half(), weight=w.double(),
+                                               running_mean=None, running_var=None)),
+        (TypeError, "share one dtype", dict(input=x.half(), running_mean=rm.half(),
+                                            running_var=rv.half())),
+        (TypeError, "share one dtype", dict(weight=w.half())),
+        (TypeError, "float32, float64, float16 and bfloat16", dict(input=x.int())),
         (TypeError, "CPU", dict(input=meta)),
         (TypeError, "torch.Tensor", dict(input=x.numpy())),
         (TypeError, "dtype", dict(weight=w.double())),
@@ -378,8 +381,8 @@ def test_bad_input_raises_before_anything_is_written(case):
 
 def test_module_errors_leave_num_batches_tracked_alone():
     m = bt.BatchNorm2d(3)
-    with pytest.raises(TypeError, match="half precision"):
-        m(torch.ones(2, 3, 2, 2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="supported dtypes"):
+        m(torch.ones(2, 3, 2, 2, dtype=torch.int32))
     with pytest.raises(ValueError):
         m(torch.ones(1, 3, 1, 1))
     assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
@@ -687,6 +690,200 @@ def test_converted_resnet_under_inductor_matches_eager():
 
 
 # ---------------------------------------------------------------------------
+# float16 and bfloat16 (bfloat16 needs ml_dtypes), torch's CPU mixed types
+# ---------------------------------------------------------------------------
+
+HALVES = [torch.float16, torch.bfloat16]
+# one unit in the last place, relative: 11 and 8 significant bits
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def half(dtype):
+    """dtype, after skipping a bfloat16 test when ml_dtypes is not installed."""
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    return dtype
+
+
+def assert_within_ulp(a, truth):
+    """a (16-bit) within one unit in its last place of the float64 truth."""
+    assert a.dtype in HALVES and truth.dtype == torch.float64
+    torch.testing.assert_close(a.double(), truth, rtol=ULP[a.dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("params", ["same", "float32", "none"])
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_half_matches_torch_functional_in_float64(dtype, params, training, layout):
+    """16-bit input; weight, bias and running statistics in the input's dtype, in
+    float32 (mixed precision), or none (no affine, float32 statistics), as torch's
+    CPU batch_norm takes them. The oracle is torch in float64 on the same (widened)
+    values: y, dx and the running statistics within 1 ulp of the 16-bit dtype,
+    dweight and dbias in the parameters' dtype, close to the float64 truth."""
+    dtype = half(dtype)
+    pdt = {"same": dtype, "float32": torch.float32, "none": torch.float32}[params]
+    C, shape = 3, (6, 3, 5, 4)
+    w, b, rm, rv = (t.to(pdt) for t in vectors(C, torch.float64))
+    w, b = (w.requires_grad_(), b.requires_grad_()) if params != "none" else (None, None)
+    truth = [t if t is None else t.detach().double().requires_grad_(t.requires_grad)
+             for t in (w, b, rm, rv)]
+    for step in range(2):
+        x = laid_out(data(shape, dtype, seed=step, offset=step), layout).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        y = bt.batch_norm(x, rm, rv, w, b, training, momentum=0.2, eps=1e-3)
+        y64 = F.batch_norm(x64, truth[2], truth[3], truth[0], truth[1], training,
+                           momentum=0.2, eps=1e-3)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_within_ulp(y, y64.detach())
+        assert rm.dtype == rv.dtype == pdt
+        if pdt == dtype:    # rounded from a float32 copy: the float64 truth's ulp
+            assert_within_ulp(rm, truth[2])
+            assert_within_ulp(rv, truth[3])
+            truth[2], truth[3] = rm.double(), rv.double()   # go on from the same values
+        else:
+            torch.testing.assert_close(rm.double(), truth[2], rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(rv.double(), truth[3], rtol=2e-6, atol=2e-6)
+    fmt = CL[4] if layout == "cl" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    dy = data(shape, dtype, seed=9, offset=0.0)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    truths = torch.autograd.grad(y64, [x64] + [t for t in truth[:2] if t is not None],
+                                 dy.double())
+    assert grads[0].dtype == dtype
+    assert_within_ulp(grads[0], truths[0])
+    for g, g64 in zip(grads[1:], truths[1:]):
+        assert g.dtype == pdt
+        rtol = ULP[dtype] if pdt == dtype else 1e-5
+        torch.testing.assert_close(g.double(), g64, rtol=rtol, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_half_mixed_types_follow_torch(dtype):
+    """The dtype combinations torch's CPU batch_norm takes for a 16-bit input are
+    the ones bncy takes; the others raise TypeError in both."""
+    dtype = half(dtype)
+    x = data((4, 3, 2), dtype)
+    for pdt in (dtype, torch.float32, torch.float64):
+        for rdt in (dtype, torch.float32, torch.float64):
+            w, b, rm, rv = (t.to(dt) for t, dt in zip(vectors(3, torch.float64),
+                                                      (pdt, pdt, rdt, rdt)))
+            try:
+                F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+                ok = True
+            except RuntimeError:
+                ok = False
+            if ok:
+                y = bt.batch_norm(x, rm, rv, w, b, True)
+                assert y.dtype == dtype
+            else:
+                with pytest.raises(TypeError, match="dtype"):
+                    bt.batch_norm(x, rm, rv, w, b, True)
+            assert ok == (pdt == rdt and pdt in (dtype, torch.float32)), (pdt, rdt)
+
+
+@pytest.mark.parametrize("layout", ["c", "cl"])
+@pytest.mark.parametrize("dtype,pdt", [(torch.bfloat16, torch.bfloat16),
+                                       (torch.float16, torch.float32)], ids=str)
+def test_half_bitwise_identical_at_1_and_2_threads(dtype, pdt, layout, threads):
+    """y, the gradients and the running statistics (16-bit ones rounded from their
+    float32 update) have the same bits at 1 and 2 threads."""
+    dtype = half(dtype)
+    results = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        w, b, _, _ = (t.to(pdt).requires_grad_() for t in vectors(16, torch.float64))
+        rm, rv = torch.zeros(16, dtype=pdt), torch.ones(16, dtype=pdt)
+        x = laid_out(data((8, 16, 24, 24), dtype), layout).requires_grad_()
+        results.append((*_step(lambda x_: bt.batch_norm(x_, rm, rv, w, b, True), x, w, b),
+                        rm, rv))
+    for a, c in zip(*results):
+        assert a.dtype == c.dtype and torch.equal(a.view(torch.int16) if a.itemsize == 2
+                                                  else a, c.view(torch.int16)
+                                                  if c.itemsize == 2 else c)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype,pdt", [(torch.bfloat16, torch.bfloat16),
+                                       (torch.bfloat16, torch.float32),
+                                       (torch.float16, torch.float16)], ids=str)
+def test_half_opcheck(dtype, pdt, training):
+    """The custom ops with 16-bit inputs, contiguous and channels_last: the fake
+    implementations give the real dtypes (y and dx in the input's, dweight and dbias
+    in the weight's, the statistics float64)."""
+    dtype = half(dtype)
+    w, b, rm, rv = (t.to(pdt) for t in vectors(3, torch.float64))
+    w.requires_grad_()
+    for layout in ("c", "cl"):
+        x = laid_out(data((4, 3, 5, 6), dtype), layout).requires_grad_()
+        args = (x, rm, rv, w, b, training, 1e-5)
+        torch.library.opcheck(torch.ops.bncy.batch_norm.default, args)
+        y, mean, invstd, _ = torch.ops.bncy.batch_norm(*args)
+        assert y.dtype == dtype and mean.dtype == invstd.dtype == torch.float64
+        bargs = (laid_out(data(x.shape, dtype, seed=3), layout), x.detach(), w.detach(),
+                 mean, invstd, training)
+        torch.library.opcheck(torch.ops.bncy.batch_norm_backward.default, bargs)
+        dx, dw, db, _ = torch.ops.bncy.batch_norm_backward(*bargs)
+        assert dx.dtype == dtype and dw.dtype == db.dtype == pdt
+    if training:
+        torch.library.opcheck(torch.ops.bncy.update_running_stats.default,
+                              (rm, rv, mean, torch.rand(3, dtype=torch.float64), 0.1))
+
+
+def test_half_compile_equals_eager_bitwise():
+    """bfloat16 through the custom ops under torch.compile: the eager bits."""
+    dtype = half(torch.bfloat16)
+    w, b, _, _ = (t.to(dtype).requires_grad_() for t in vectors(3, torch.float64))
+    runs = []
+    for fn in (bt.batch_norm, torch.compile(bt.batch_norm, backend="aot_eager",
+                                            fullgraph=True)):
+        rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+        x = laid_out(data((4, 3, 5, 6), dtype), "cl").requires_grad_()
+        runs.append((*_step(lambda x_: fn(x_, rm, rv, w, b, True), x, w, b), rm, rv))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_converted_model_in_bfloat16_trains():
+    """model.to(torch.bfloat16) then convert: bfloat16 parameters and buffers; one
+    SGD step matches torch's own bfloat16 model's within bfloat16's rounding, and
+    the running statistics move and stay bfloat16."""
+    half(torch.bfloat16)
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(8, 2)).to(torch.bfloat16)
+    mine = bt.convert(copy.deepcopy(theirs))
+    assert isinstance(mine[1], bt.BatchNorm2d) and mine[1].weight.dtype == torch.bfloat16
+    x = data((8, 3, 6, 6), torch.bfloat16, offset=0.0)
+    for model in (theirs, mine):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).square().mean().backward()
+        opt.step()
+    assert mine[1].running_mean.dtype == torch.bfloat16
+    assert not torch.equal(mine[1].running_var, torch.ones(8, dtype=torch.bfloat16))
+    assert int(mine[1].num_batches_tracked) == 1
+    for (name, p), q in zip(theirs.state_dict().items(), mine.state_dict().values()):
+        assert q.dtype == p.dtype, name
+        torch.testing.assert_close(q.double(), p.double(), rtol=2 ** -6, atol=1e-2,
+                                   msg=name)
+    mine.eval()
+    assert mine(x).dtype == torch.bfloat16
+
+
+def test_bfloat16_without_ml_dtypes_raises_a_clear_type_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    monkeypatch.setattr(bt, "_BFLOAT16", [])
+    x = data((4, 3), torch.bfloat16)
+    with pytest.raises(TypeError, match="pip install ml_dtypes"):
+        bt.batch_norm(x, None, None, training=True)
+    with pytest.raises(TypeError, match="pip install ml_dtypes"):
+        bt.BatchNorm1d(3)(x)
+    assert bt.batch_norm(x.half(), None, None, training=True).dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------
 # threads and determinism
 # ---------------------------------------------------------------------------
 
@@ -930,7 +1127,8 @@ def _sync_errors_raise_on_every_rank(rank):
     step works."""
     m = bt.SyncBatchNorm(3)
     good = data((4, 3, 2, 2), torch.float32)
-    cases = [(TypeError, "rank 1: .*half", good.half() if rank == 1 else good),
+    cases = [(TypeError, "rank 1: .*supported dtypes", good.int() if rank == 1 else good),
+             (TypeError, "ranks disagree on the dtype", good.half() if rank == 1 else good),
              (ValueError, "rank 0: expected 3 channels", good[:, :2] if rank == 0 else good),
              (ValueError, "rank 1: expected at least 2D", good[0, 0, 0] if rank == 1 else good),
              (ValueError, "more than 1 value per channel", good[:1, :, :1, :1]
