@@ -111,15 +111,22 @@ def test_matches_torch_functional(shape, layout, dtype, training, affine):
     # results keep the input's memory format; other layouts come back contiguous
     fmt = CL[x.dim()] if layout == "cl" else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
+    grads, truths = _grads_and_truths(y, y64, x, x64, w, b, truth, shape, dtype)
+    M = x.numel() // C
+    for g, g64 in zip(grads, truths):
+        assert g.dtype == dtype
+        assert_close(g, g64, dtype, scale=M)
+
+
+def _grads_and_truths(y, y64, x, x64, w, b, truth, shape, dtype):
+    """The gradients of x (and of w, b when given) for one dy, through bncy's y and
+    through the float64 truth y64 (whose w, b are truth[:2])."""
     dy = data(shape, dtype, seed=9, offset=0.0)
     leaves = [t for t in (x, w, b) if t is not None]
     grads = torch.autograd.grad(y, leaves, dy)
     truths = torch.autograd.grad(y64, [x64] + [t for t in truth[:2] if t is not None],
                                  dy.double())
-    M = x.numel() // C
-    for g, g64 in zip(grads, truths):
-        assert g.dtype == dtype
-        assert_close(g, g64, dtype, scale=M)
+    return grads, truths
 
 
 def test_momentum_and_eps_edges_match_torch():
@@ -746,11 +753,7 @@ def test_half_matches_torch_functional_in_float64(dtype, params, training, layou
             torch.testing.assert_close(rv.double(), truth[3], rtol=2e-6, atol=2e-6)
     fmt = CL[4] if layout == "cl" else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
-    dy = data(shape, dtype, seed=9, offset=0.0)
-    leaves = [t for t in (x, w, b) if t is not None]
-    grads = torch.autograd.grad(y, leaves, dy)
-    truths = torch.autograd.grad(y64, [x64] + [t for t in truth[:2] if t is not None],
-                                 dy.double())
+    grads, truths = _grads_and_truths(y, y64, x, x64, w, b, truth, shape, dtype)
     assert grads[0].dtype == dtype
     assert_within_ulp(grads[0], truths[0])
     for g, g64 in zip(grads[1:], truths[1:]):
