@@ -247,11 +247,11 @@ def info():
 
 
 cdef cnp.ndarray new_array(int nd, cnp.npy_intp* dims, int typenum):
-    # A new C-contiguous float32 or float64 array, its data from the cache when
-    # it is large enough and the cache is on.
+    # A new C-contiguous array of a float type (float32, float64, or a 16-bit
+    # type), its data from the cache when it is large enough and the cache is on.
     cdef cnp.ndarray a
     cdef object old
-    cdef Py_ssize_t i, n = 4 if typenum == cnp.NPY_FLOAT else 8
+    cdef Py_ssize_t i, n = 8 if typenum == cnp.NPY_DOUBLE else (4 if typenum == cnp.NPY_FLOAT else 2)
     for i in range(nd):
         n *= dims[i]
     if not _enabled or n < <Py_ssize_t> BNCY_MIN_BYTES:

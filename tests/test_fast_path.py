@@ -8,7 +8,7 @@ from numpy.testing import assert_array_equal
 
 import bncy
 from bncy import _api
-from conftest import CASES, DTYPES, case_id, make
+from conftest import CASES, DTYPES, HALF, case_id, make
 
 FAST = _api._kernels_wide
 NO_LIMIT = 1 << 62
@@ -35,15 +35,18 @@ def _fwd_args(x, axis, rng, gdtype=np.float64):
     return C, g, b
 
 
-@pytest.mark.parametrize("gdtype", DTYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gdtype", DTYPES + HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES + HALF, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fast_path_matches_the_general_path_bitwise(case, dtype, gdtype, rng, general):
+    """Every storage type, and every type of gamma, beta, mean and invstd; running
+    statistics are float32 or float64 (float32 beside 16-bit parameters)."""
     shape, axis = case
     x = make(shape, dtype, rng, scale=3.0, offset=20.0)
     dy = make(shape, dtype, rng)
     C, g, b = _fwd_args(x, axis, rng, gdtype)
-    rm_f, rv_f = np.linspace(0, 1, C).astype(gdtype), np.linspace(1, 2, C).astype(gdtype)
+    sdt = gdtype if np.dtype(gdtype).itemsize > 2 else np.float32
+    rm_f, rv_f = np.linspace(0, 1, C).astype(sdt), np.linspace(1, 2, C).astype(sdt)
     rm_g, rv_g = rm_f.copy(), rv_f.copy()
     fast = FAST.forward_fast(x, g, b, 1e-3, axis, rm_f, rv_f, 0.25, None, 1, 0, NO_LIMIT)
     assert fast is not None
@@ -67,11 +70,11 @@ def test_fast_path_matches_the_general_path_bitwise(case, dtype, gdtype, rng, ge
         assert_array_equal(a, b_)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + HALF, ids=lambda d: np.dtype(d).name)
 def test_public_calls_take_the_fast_path_and_agree(dtype, rng, monkeypatch):
     x = make((64, 256), dtype, rng)
     dy = make((64, 256), dtype, rng)
-    C, g, b = _fwd_args(x, 1, rng, dtype)
+    C, g, b = _fwd_args(x, 1, rng, dtype if np.dtype(dtype).itemsize > 2 else np.float32)
     taken = []
     real_f, real_b, real_i = FAST.forward_fast, FAST.backward_fast, FAST.inference_fast
 
@@ -147,7 +150,9 @@ def _declines(rng):
         ("x transposed", dict(x=np.ascontiguousarray(x.T).T), dict(x=np.asfortranarray(x))),
         ("x a list", dict(x=x.tolist()), dict(x=x.tolist())),
         ("x a subclass", dict(x=x.view(np.matrix)), dict(dy=dy.view(np.matrix))),
-        ("x float16", dict(x=x.astype(np.float16)), dict(x=x.astype(np.float16))),
+        ("running stats float16", dict(x=x.astype(np.float16), running_mean=rm.astype(np.float16),
+                                       running_var=rv.astype(np.float16)),
+         dict(x=x.astype(np.float16))),   # backward: dy float32 beside x float16
         ("x int", dict(x=x.astype(np.int32)), dict(dy=dy.astype(np.int32))),
         ("x big-endian", dict(x=x.astype(">f4")), dict(x=x.astype(">f4"))),
         ("x 1-D", dict(x=x.ravel()), dict(x=x.ravel(), dy=dy.ravel())),
@@ -192,7 +197,7 @@ def _declines(rng):
 # what inference takes from a forward case: the keys it shares, running stats may be
 # read-only and one value per channel is fine
 _INF_SKIP = {"running_var missing", "running_mean read-only", "one value per channel",
-             "momentum int", "momentum > 1"}
+             "momentum int", "momentum > 1", "running stats float16"}
 
 
 def test_fast_paths_decline_anything_but_plain_calls_and_write_nothing(rng):
@@ -241,7 +246,7 @@ def test_large_float64_stays_off_the_wide_build(rng):
 
 
 @pytest.mark.parametrize("with_res", [False, True], ids=["relu", "residual+relu"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + HALF, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fused_fast_path_matches_the_general_path_bitwise(case, dtype, with_res, rng,
                                                           monkeypatch):
@@ -288,7 +293,7 @@ def test_fused_fast_paths_decline_what_they_do_not_run(rng):
     assert f(r, "relu") is not None and bk(r, "relu") is not None
     for act in ("gelu", "RELU", 1, True):
         assert f(None, act) is None and bk(None, act) is None
-    for res in (r.astype(np.float64), r[:, :, :2],
+    for res in (r.astype(np.float64), r.astype(np.float16), r[:, :, :2],
                 r.transpose(0, 2, 1).copy().transpose(0, 2, 1), list(r)):
         assert f(res, "relu") is None and bk(res, "relu") is None
     buf = np.empty(x.size + 1, np.float32)
@@ -297,3 +302,22 @@ def test_fused_fast_paths_decline_what_they_do_not_run(rng):
     assert f(buf[1:].reshape(x.shape), "relu", out=buf[:-1].reshape(x.shape)) is None
     assert bk(r, None) is None                      # the residual's gradient is dy
     assert bk(r, "relu", np.empty_like(x)) is None  # residual_out: the general path
+
+
+def test_fast_paths_know_bfloat16_by_name_not_other_user_types(rng):
+    """16-bit user types other than bfloat16 (ml_dtypes' float8 and int4 types,
+    say) are left to the general path, which rejects them, also after bfloat16
+    has been seen."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = make((8, 4), np.float32, rng)
+    args = (None, None, 1e-5, 1, None, None, 0.1, None, 1, 0, NO_LIMIT)
+    for first in (False, True):
+        if first:
+            assert FAST.forward_fast(x.astype(ml_dtypes.bfloat16), *args) is not None
+        for other in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.int4):
+            xo = x.astype(other)
+            assert FAST.forward_fast(xo, *args) is None
+            assert FAST.inference_fast(xo, np.zeros(4), np.ones(4), None, None, 1e-5, 1,
+                                       None, 1, 0, NO_LIMIT) is None
+            with pytest.raises(TypeError):
+                bncy.forward(xo)

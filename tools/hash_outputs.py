@@ -3,7 +3,8 @@
 A refactor keeps the bits: run this on the old and the new build and diff the
 output (one line per case, dtype, layout and thread count).
 --fused adds the fused calls (ReLU, with and without a residual); --no-large
-leaves the large shapes out.
+leaves the large shapes out; --dtypes float16,bfloat16 (needs ml_dtypes) hashes
+other storage types than the default float32,float64.
 
     PYTHONPATH=OLD python tools/hash_outputs.py > old.txt
     PYTHONPATH=NEW python tools/hash_outputs.py > new.txt && diff old.txt new.txt
@@ -50,7 +51,8 @@ def run(shape, axis, dtype, nt, layout):
         dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     gamma = rng.standard_normal(C).astype(dtype)
     beta = rng.standard_normal(C).astype(dtype)
-    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    sdt = dtype if np.dtype(dtype).itemsize > 2 else np.float32  # running stats
+    rm, rv = np.zeros(C, sdt), np.ones(C, sdt)
     out = []
     y, mean, invstd = bncy.forward(x, gamma, beta, axis=axis, running_mean=rm,
                                    running_var=rv, n_threads=nt)
@@ -67,7 +69,7 @@ def run(shape, axis, dtype, nt, layout):
     out.append(digest(gs.sum_dy, gs.sum_dy_xc,
                       *bncy.apply_grad(dy, x, mean, invstd, gs, x.size // C, gamma,
                                        axis=axis, n_threads=nt)))
-    bn = bncy.BatchNorm(C, axis=axis, dtype=dtype, n_threads=nt)
+    bn = bncy.BatchNorm(C, axis=axis, dtype=sdt, n_threads=nt)
     yl = bn(x)
     dxl = bn.backward(dy)
     out.append(digest(yl, dxl, bn.dgamma, bn.dbeta, bn.running_mean, bn.running_var))
@@ -90,13 +92,22 @@ def run(shape, axis, dtype, nt, layout):
 FUSED = "--fused" in sys.argv
 
 
+def dtypes():
+    names = "float32,float64"
+    if "--dtypes" in sys.argv:
+        names = sys.argv[sys.argv.index("--dtypes") + 1]
+    if "bfloat16" in names:
+        import ml_dtypes  # noqa: F401  (registers the dtype name)
+    return [np.dtype(n) for n in names.split(",")]
+
+
 def main():
     large = "--no-large" not in sys.argv
     cases = CASES + (LARGE if large else [])
     for shape, axis in cases:
         if np.prod(shape) < 2 * shape[axis % len(shape)]:
             continue
-        for dtype in (np.float32, np.float64):
+        for dtype in dtypes():
             layouts = ["c"] + (["nhwc-view"] if len(shape) == 4 and axis == 1 else [])
             for layout in layouts:
                 lines = {nt: run(shape, axis, dtype, nt, layout) for nt in (1, 2, 3, 4)}

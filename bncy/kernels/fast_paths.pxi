@@ -4,7 +4,8 @@
 # A small call spent more time in bncy._api's Python checks and allocations
 # (4-5 us) than in the kernels. These take the public arguments as given (the
 # fused ones too: activation None or "relu", a residual plain like x) and run
-# only when each one is the plain case: exact ndarrays of native float32/float64,
+# only when each one is the plain case: exact ndarrays of native float32, float64,
+# float16 or bfloat16 (ml_dtypes' dtype, known by its name, see _plain_type),
 # C-contiguous and aligned; vectors of shape (C,); a float eps >= 0 and a float
 # momentum in [0, 1]; running statistics both given and writeable, or neither;
 # n_threads None or an int >= 1; enough values per channel; out None or a plain
@@ -26,18 +27,36 @@ from bncy._buffers cimport new_array
 cdef enum:
     MAX_FAST_THREADS = 4096
 
+cdef extern from "numpy/arrayobject.h":
+    enum:
+        NPY_HALF      # float16's type number
+        NPY_USERDEF   # the first type number of user types (bfloat16's is one)
+
+
+cdef int _bf16_type = -1   # bfloat16's type number, once an array has shown it
+
 
 cdef int _plain_type(object a) noexcept:
-    # NPY_FLOAT32 or NPY_FLOAT64 for an exact ndarray of native floats, C-contiguous
-    # and aligned; -1 for anything else.
+    # The type number (NPY_FLOAT32, NPY_FLOAT64, NPY_HALF or bfloat16's) of an
+    # exact ndarray of native floats, C-contiguous and aligned; -1 for anything
+    # else. bfloat16 is a user type of ml_dtypes (never imported here): known by
+    # its name and size, as bncy._api._supported knows it, then by its number.
+    global _bf16_type
     cdef cnp.ndarray arr
     cdef int t
     if not cnp.PyArray_CheckExact(a):
         return -1
     arr = <cnp.ndarray> a
     t = cnp.PyArray_TYPE(arr)
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        return -1
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64 and t != NPY_HALF and t != _bf16_type:
+        if t < NPY_USERDEF or _bf16_type >= 0:
+            return -1
+        try:
+            if arr.dtype.name != "bfloat16" or arr.dtype.itemsize != 2:
+                return -1
+        except Exception:
+            return -1
+        _bf16_type = t
     if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
             and cnp.PyArray_ISNOTSWAPPED(arr)):
         return -1
@@ -54,16 +73,27 @@ cdef int _plain_vector(object v, Py_ssize_t C) noexcept:
     return t
 
 
+cdef inline bint _half(int t) noexcept:
+    # A 16-bit type number of _plain_type.
+    return t == NPY_HALF or (t == _bf16_type and t >= 0)
+
+
 cdef void _copy_f64(object v, Py_ssize_t C, double* out) noexcept:
-    # out[0:C] = v in float64, for a vector _plain_vector(v, C) accepted.
+    # out[0:C] = v in float64 (exactly), for a vector _plain_vector(v, C) accepted.
     cdef const float* f
+    cdef const unsigned short* h
     cdef Py_ssize_t c
-    if cnp.PyArray_TYPE(<cnp.ndarray> v) == cnp.NPY_FLOAT64:
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray> v)
+    if t == cnp.NPY_FLOAT64:
         memcpy(out, cnp.PyArray_DATA(<cnp.ndarray> v), C * sizeof(double))
-    else:
+    elif t == cnp.NPY_FLOAT32:
         f = <const float*> cnp.PyArray_DATA(<cnp.ndarray> v)
         for c in range(C):
             out[c] = f[c]
+    else:
+        h = <const unsigned short*> cnp.PyArray_DATA(<cnp.ndarray> v)
+        for c in range(C):
+            out[c] = bncy_f16_load(h[c]) if t == NPY_HALF else bncy_bf16_load(<short> h[c])
 
 
 cdef bint _same_shape(object a, object b) noexcept:
@@ -210,7 +240,7 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
     if running_mean is not None or running_var is not None:
         trm = _plain_vector(running_mean, C)
         trv = _plain_vector(running_var, C)
-        if (trm < 0 or trv < 0 or type(momentum) is not float
+        if (trm < 0 or trv < 0 or _half(trm) or _half(trv) or type(momentum) is not float
                 or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
                 or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
             return None
@@ -256,6 +286,18 @@ def forward_fast(x, gamma, beta, eps, axis, running_mean, running_var, momentum,
                                <float*> py,
                                pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
                                rm, rv, mom, nt, &suspicious)
+        elif t == NPY_HALF:
+            rc = _forward_core(<const f16_bits*> px, <const f16_bits*> pres, relu, N, C, S,
+                               gam, work + C, e,
+                               <f16_bits*> py,
+                               pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
+                               rm, rv, mom, nt, &suspicious)
+        elif t == _bf16_type:
+            rc = _forward_core(<const bf16_bits*> px, <const bf16_bits*> pres, relu, N, C, S,
+                               gam, work + C, e,
+                               <bf16_bits*> py,
+                               pmean, work + 2 * C, work + 3 * C, pinvstd, work + 4 * C,
+                               rm, rv, mom, nt, &suspicious)
         else:
             rc = _forward_core(<const double*> px, <const double*> pres, relu, N, C, S, gam,
                                work + C, e,
@@ -276,7 +318,7 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
     residual only through ReLU, plain like x, and no residual_out): (dx, dgamma,
     dbeta[, dresidual]); None, with nothing written, for any other call or a float64
     x beyond f64_limit bytes."""
-    cdef int t = _plain_type(x), nt, rc
+    cdef int t = _plain_type(x), nt, rc, gt
     cdef int relu = _fast_relu(activation)
     cdef void* pres = NULL
     cdef void* pdres = NULL
@@ -317,8 +359,9 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
         pres = cnp.PyArray_DATA(<cnp.ndarray> residual)
         pdres = cnp.PyArray_DATA(dres)
     pdx = cnp.PyArray_DATA(dx)
-    dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
-    dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, t, 0)
+    gt = cnp.NPY_FLOAT32 if _half(t) else t   # float32 for 16-bit x (_grad_dtype)
+    dgamma = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, gt, 0)
+    dbeta = cnp.PyArray_EMPTY(1, <cnp.npy_intp*> &C, gt, 0)
     pdy, px = cnp.PyArray_DATA(<cnp.ndarray> dy), cnp.PyArray_DATA(<cnp.ndarray> x)
     pdg, pdb = cnp.PyArray_DATA(dgamma), cnp.PyArray_DATA(dbeta)
     # mean, invstd, gamma, sdy, dgamma, 5 * C of _backward_core's work, shift (beta
@@ -342,13 +385,25 @@ def backward_fast(dy, x, mean, invstd, gamma, axis, out, n_threads,
             rc = _backward_core(<const float*> pdy, <const float*> px, <const float*> pres,
                                 relu, N, C, S, work, work + C, gam, shift, <float*> pdx,
                                 <float*> pdres, work + 3 * C, work + 4 * C, work + 5 * C, nt)
-            for c in range(C):
-                (<float*> pdg)[c] = <float> work[4 * C + c]
-                (<float*> pdb)[c] = <float> work[3 * C + c]
+        elif t == NPY_HALF:
+            rc = _backward_core(<const f16_bits*> pdy, <const f16_bits*> px,
+                                <const f16_bits*> pres, relu, N, C, S, work, work + C, gam,
+                                shift, <f16_bits*> pdx, <f16_bits*> pdres, work + 3 * C,
+                                work + 4 * C, work + 5 * C, nt)
+        elif t == _bf16_type:
+            rc = _backward_core(<const bf16_bits*> pdy, <const bf16_bits*> px,
+                                <const bf16_bits*> pres, relu, N, C, S, work, work + C, gam,
+                                shift, <bf16_bits*> pdx, <bf16_bits*> pdres, work + 3 * C,
+                                work + 4 * C, work + 5 * C, nt)
         else:
             rc = _backward_core(<const double*> pdy, <const double*> px, <const double*> pres,
                                 relu, N, C, S, work, work + C, gam, shift, <double*> pdx,
                                 <double*> pdres, work + 3 * C, work + 4 * C, work + 5 * C, nt)
+        if gt == cnp.NPY_FLOAT32:
+            for c in range(C):
+                (<float*> pdg)[c] = <float> work[4 * C + c]
+                (<float*> pdb)[c] = <float> work[3 * C + c]
+        else:
             memcpy(pdg, work + 4 * C, C * sizeof(double))
             memcpy(pdb, work + 3 * C, C * sizeof(double))
     free(work)
@@ -419,6 +474,14 @@ def inference_fast(x, running_mean, running_var, gamma, beta, eps, axis, out, n_
                                  work + C, gam,
                                  bet, e,
                                  <float*> py, work + 4 * C, nt)
+        elif t == NPY_HALF:
+            rc = _inference_core(<const f16_bits*> px, <const f16_bits*> pres, relu, N, C, S,
+                                 work, work + C, gam, bet, e,
+                                 <f16_bits*> py, work + 4 * C, nt)
+        elif t == _bf16_type:
+            rc = _inference_core(<const bf16_bits*> px, <const bf16_bits*> pres, relu, N, C, S,
+                                 work, work + C, gam, bet, e,
+                                 <bf16_bits*> py, work + 4 * C, nt)
         else:
             rc = _inference_core(<const double*> px, <const double*> pres, relu, N, C, S,
                                  work, work + C, gam,
