@@ -305,9 +305,9 @@ def test_fused_fast_paths_decline_what_they_do_not_run(rng):
 
 
 def test_fast_paths_know_bfloat16_by_name_not_other_user_types(rng):
-    """16-bit user types other than bfloat16 (ml_dtypes' float8 and int4 types,
-    say) are left to the general path, which rejects them, also after bfloat16
-    has been seen."""
+    """User types other than bfloat16 (ml_dtypes' float8 and int4 types, say) are
+    left to the general path, which rejects them, also after bfloat16 has been
+    seen."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = make((8, 4), np.float32, rng)
     args = (None, None, 1e-5, 1, None, None, 0.1, None, 1, 0, NO_LIMIT)
