@@ -674,6 +674,8 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
         raise ValueError("bncy: residual_out needs a residual")
     if not p.relu:
         p.res3 = None    # the add's gradient is dy itself: no kernel reads it
+    if fused_res and residual_out is not None and np.may_share_memory(x, residual_out):
+        x = x.copy(order="K")   # the backward writes residual_out, then reads x
     _layout(p, x, ax, out, dy, p.res3, residual_out if fused_res else False,
             output=output)
     if p.res3 is None and residual is not None:

@@ -166,6 +166,58 @@ def test_out_aliases_and_residual_out():
     assert np.array_equal(bncy.backward(dy, x, m, s, residual=r)[3], dy)
 
 
+def _storage_dtypes():
+    out = DTYPES + [np.float16]
+    try:
+        import ml_dtypes
+        out.append(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.fixture(params=["in cache", "beyond L2"])
+def residual_route(request):
+    """bncy.backward's route for the residual's gradient: beyond L2 (beyond_l2 = 0
+    here) it is written in the sums pass and dx read from it; in cache, and in
+    the split phases, the dx pass masks again and writes both."""
+    previous = bncy.set_knobs(beyond_l2=0) if request.param == "beyond L2" else None
+    yield request.param
+    if previous is not None:
+        bncy.set_knobs(beyond_l2=previous["beyond_l2"])
+
+
+@pytest.mark.parametrize("dtype", _storage_dtypes())
+def test_residual_gradient_routes_agree_bitwise(dtype, residual_route):
+    # Same values, bit for bit, in every layout (rows, narrow rows, planes), and
+    # with residual_out aliasing dy or the residual, or x (which the sums-pass
+    # route still needs after it: it gets a copy).
+    assert bncy.describe((300, 9), dtype, activation="relu", residual=True)["jobs"][
+        "grad_sums"]["fused"] == ("relu mask" if residual_route == "in cache"
+                                  else "relu mask, residual gradient")
+    rng = np.random.default_rng(9)
+    for x, axis in _layouts(rng, np.float64) + [(rng.standard_normal((37, 5)), 1)]:
+        x = (1.5 * x).astype(dtype)
+        r, dy, g, b = _case(rng, x, axis)
+        r, dy = r.astype(dtype), dy.astype(dtype)
+        _, m, s = bncy.forward(x, g, b, axis=axis, residual=r, activation="relu")
+        kw = dict(axis=axis, beta=b, residual=r, activation="relu")
+        dx, dg, db, dr = bncy.backward(dy, x, m, s, g, **kw)
+        assert 0 < np.count_nonzero(dr) < dr.size
+        gs = bncy.grad_stats(dy, x, m, invstd=s, gamma=g, **kw)
+        split = bncy.apply_grad(dy, x, m, s, gs, x.size // x.shape[axis], g, **kw)
+        for a, w in zip(split, (dx, dg, db, dr)):
+            np.testing.assert_array_equal(a, w)
+        for name in ("dy", "r", "x"):
+            d2, r2, x2 = (a.copy(order="K") for a in (dy, r, x))   # same layout
+            into = {"dy": d2, "r": r2, "x": x2}[name]
+            got = bncy.backward(d2, x2, m, s, g, axis=axis, beta=b, residual=r2,
+                                activation="relu", residual_out=into)
+            assert got[3] is into
+            for a, w in zip(got, (dx, dg, db, dr)):
+                np.testing.assert_array_equal(a, w)
+
+
 def test_split_phase_equals_fused():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((40, 6, 4)).astype(np.float32)

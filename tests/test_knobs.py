@@ -51,7 +51,11 @@ def _outputs(x, dy, axis, nt):
                                    n_threads=nt)
     dx, dg, db = bncy.backward(dy, x, mean, invstd, g, axis=axis, n_threads=nt)
     yi = bncy.inference(x, rm, rv, g, b, axis=axis, n_threads=nt)
-    return [y, mean, invstd, rm, rv, dx, dg, db, yi]
+    # through ReLU with a residual (x[::-1]): beyond_l2 moves its gradient into
+    # the sums pass
+    fused = bncy.backward(dy, x, mean, invstd, g, axis=axis, beta=b, residual=x[::-1],
+                          activation="relu", n_threads=nt)
+    return [y, mean, invstd, rm, rv, dx, dg, db, yi, *fused]
 
 
 @pytest.mark.parametrize("nt", [1, 2])
@@ -185,7 +189,9 @@ def test_every_build_runs_with_the_knobs_in_force(knobs):
 def test_describe_names_the_fused_loops():
     """The fused call keeps the plain schedules and says which loops it fuses; its
     masked backward loops have no prefetching twins (rows), so describe() does
-    not report one."""
+    not report one. With a residual, the masked sums write its gradient and dx
+    takes the plain loops (with their prefetching twin) beyond L2; in cache the
+    masked grad_input writes both."""
     shape = (65536, 512)
     plain = bncy.describe(shape, np.float32)
     fused = bncy.describe(shape, np.float32, activation="relu", residual=True)
@@ -195,11 +201,18 @@ def test_describe_names_the_fused_loops():
     assert all("fused" not in d for d in plain["jobs"].values())
     assert fused["jobs"]["statistics"] == plain["jobs"]["statistics"]
     assert fused["jobs"]["normalize"]["fused"] == "residual + relu"
-    assert fused["jobs"]["grad_input"]["fused"] == "relu mask, residual gradient"
+    assert fused["jobs"]["grad_sums"]["fused"] == "relu mask, residual gradient"
+    assert fused["jobs"]["grad_input"]["fused"] == "from the residual gradient"
     for job in plain["jobs"]:
         assert fused["jobs"][job]["schedule"] == plain["jobs"][job]["schedule"]
-    for job in ("grad_sums", "grad_input"):
-        assert not fused["jobs"][job]["variant"].startswith("prefetch")
+    assert not fused["jobs"]["grad_sums"]["variant"].startswith("prefetch")
+    assert fused["jobs"]["grad_input"]["variant"] == plain["jobs"]["grad_input"]["variant"]
+    relu = bncy.describe(shape, np.float32, activation="relu")["jobs"]
+    assert relu["grad_input"]["fused"] == "relu mask"
+    assert not relu["grad_input"]["variant"].startswith("prefetch")
+    small = bncy.describe((64, 256), np.float32, activation="relu", residual=True)["jobs"]
+    assert small["grad_sums"]["fused"] == "relu mask"
+    assert small["grad_input"]["fused"] == "relu mask, residual gradient"
     res_only = bncy.describe(shape, np.float32, residual=True)["jobs"]
     assert res_only["normalize"]["fused"] == "residual"
     assert "fused" not in res_only["grad_sums"] and "fused" not in res_only["grad_input"]

@@ -24,18 +24,17 @@ arrays = {}
 def data(shape, dtype, layout):
     key = (shape, dtype, layout)
     if key not in arrays:
-        x = rng.standard_normal(shape).astype(dtype)
-        dy = rng.standard_normal(shape).astype(dtype)
+        xs = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
         if layout == "nhwc":   # NCHW view of NHWC memory
-            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            xs = [np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+                  for a in xs]
         arrays.clear()
-        arrays[key] = (x, dy)
+        arrays[key] = xs
     return arrays[key]
 for line in sys.stdin:
     op, shape, axis, dtype, layout, nt, reps = json.loads(line)
     shape = tuple(shape)
-    x, dy = data(shape, dtype, layout)
+    x, dy, res = data(shape, dtype, layout)
     C = x.shape[axis]
     g, b = np.ones(C, dtype), np.zeros(C, dtype)
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
@@ -46,7 +45,10 @@ for line in sys.stdin:
             "backward": lambda: bncy.backward(dy, x, mean, invstd, g, axis=axis,
                                               n_threads=nt),
             "inference": lambda: bncy.inference(x, rm, rv, g, b, axis=axis,
-                                                n_threads=nt)}[op]
+                                                n_threads=nt),
+            "backward_res": lambda: bncy.backward(dy, x, mean, invstd, g, axis=axis,
+                                                  beta=b, residual=res, activation="relu",
+                                                  n_threads=nt)}[op]
     call()
     best = float("inf")
     for _ in range(reps):
@@ -71,7 +73,11 @@ def main():
     ap.add_argument("new")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--ops", nargs="+", default=["forward", "backward", "inference"])
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help='only these cases, e.g. "(64, 256)"')
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--ops", nargs="+", default=["forward", "backward", "inference"],
+                    help="also backward_res: through ReLU with a residual")
     args = ap.parse_args()
     workers = {}
     for name, path in (("old", args.old), ("new", args.new)):
@@ -81,10 +87,12 @@ def main():
                                          stdout=subprocess.PIPE, text=True)
     print(f"{'case':44s} {'old ms':>9s} {'new ms':>9s} {'new/old':>8s}", flush=True)
     for shape, axis, layout in CASES:
+        if args.shapes and str(shape) not in args.shapes:
+            continue
         size = 1
         for n in shape:
             size *= n
-        for dtype in ("float32", "float64"):
+        for dtype in args.dtypes:
             reps = max(3, min(200, int(2e8 // (size * 8))))
             for nt in args.threads:
                 for op in args.ops:

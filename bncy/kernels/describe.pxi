@@ -90,16 +90,22 @@ def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize
                    int n_threads, bint relu=False, bint res=False):
     """{job: {schedule, variant, ...}} for an (N, C, S) array of itemsize bytes;
     relu, res: a fused call (activation="relu", a residual). The fused loops
-    take the plain ones' schedules; each fused job says its loops in "fused"."""
+    take the plain ones' schedules; each fused job says its loops in "fused"
+    (bncy.backward's: the split phases mask in grad_input)."""
+    # with a residual beyond L2, the sums write its gradient (the masked dy) and
+    # the plain grad_input loops read it as dy (_backward_core)
+    cdef bint in_sums = relu and res and _res_grad_in_sums(N * C * S * itemsize)
     cdef dict d = {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
                    "normalize": _elementwise(N, C, S, itemsize, n_threads, False),
                    "grad_sums": _reduction(N, C, S, itemsize, n_threads, True, relu),
-                   "grad_input": _elementwise(N, C, S, itemsize, n_threads, True, relu)}
+                   "grad_input": _elementwise(N, C, S, itemsize, n_threads, True,
+                                              relu and not in_sums)}
     if relu or res:
         d["normalize"]["fused"] = ("residual + relu" if relu and res
                                    else "relu" if relu else "residual")
     if relu:    # without ReLU the backward is the plain one (the add's gradient is dy)
-        d["grad_sums"]["fused"] = "relu mask"
-        d["grad_input"]["fused"] = ("relu mask, residual gradient" if res
+        d["grad_sums"]["fused"] = "relu mask, residual gradient" if in_sums else "relu mask"
+        d["grad_input"]["fused"] = ("from the residual gradient" if in_sums
+                                    else "relu mask, residual gradient" if res
                                     else "relu mask")
     return d

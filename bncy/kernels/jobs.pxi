@@ -361,13 +361,20 @@ cdef int _backward_core(const stored* dy, const stored* x, const stored* res,
                         double* sdy_out, double* dgamma_out, double* work,
                         int n_threads) noexcept nogil:
     # grad_sums (masked when relu), then _grad_apply_core; work holds 5 * C
-    # doubles.
+    # doubles. With a residual (through ReLU) beyond L2 (_res_grad_in_sums), the
+    # sums pass writes its gradient, the masked dy, to dres_out and dx comes from
+    # that, unmasked; else grad_input masks again and writes both (as the split
+    # phases do). The same bits either way. dres_out may be dy or res, never x.
     cdef int rc
+    cdef bint in_sums = res != NULL and _res_grad_in_sums(N * C * S * sizeof(stored))
+    bncy_assert(res == NULL or (relu and dres_out != NULL and dres_out != x))
     _forward_scale(invstd, gamma, C, work + 4 * C)
-    rc = _grad_sums_fused(dy, x, res, relu, mean, work + 4 * C, shift, N, C, S, sdy_out,
-                          work, n_threads)
+    rc = _grad_sums_fused(dy, x, res, dres_out if in_sums else NULL, relu, mean,
+                          work + 4 * C, shift, N, C, S, sdy_out, work, n_threads)
     if rc != 0:
         return rc
+    if in_sums:
+        dy, res, relu = dres_out, NULL, False
     return _grad_apply_core(dy, x, res, relu, N, C, S, mean, invstd, gamma, shift, sdy_out,
                             work, <double> (N * S), True, dx_out, dres_out, dgamma_out,
                             work + C, n_threads)

@@ -95,3 +95,11 @@ cdef inline bint _gi_planes_ahead(Py_ssize_t nbytes, Py_ssize_t isz,
     # float32 planes grad_input on one thread asks for dy, x and dx ahead in
     # arrays beyond L2 (at 2 threads, and for float64, it lost).
     return isz == 4 and n_threads <= 1 and nbytes >= _kn.beyond_l2
+
+
+cdef inline bint _res_grad_in_sums(Py_ssize_t nbytes) noexcept nogil:
+    # The backward through ReLU with a residual (_backward_core) writes the
+    # residual's gradient in the sums pass and takes dx from it, 7 array passes
+    # instead of 8, in arrays beyond L2; in cache, the masked grad_input pass that
+    # writes both took fewer instructions per value.
+    return nbytes >= _kn.beyond_l2
