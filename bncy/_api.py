@@ -911,7 +911,9 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         forward used.
     residual_out : ndarray, optional
         Where to write the residual's gradient (x's shape and dtype); with
-        ReLU it is written in the pass that writes dx. Must not overlap ``out``.
+        ReLU it is written in the pass that writes dx, or for arrays beyond L2
+        in the pass that sums (dx is then read from it). Must not overlap
+        ``out``.
 
     Returns
     -------

@@ -64,7 +64,10 @@
 #   (_rows_grad_sums_ahead), grad_input on rows whose coefficients fill most of
 #   L1, beyond half of L3 (_rows_grad_input_ahead, whole rows or tiles), and the
 #   moments of whole-row blocks of short rows beyond 3/4 of L3
-#   (_rows_moments_ahead). knobs.pxi holds each gate.
+#   (_rows_moments_ahead). Likewise the backward through ReLU with a residual
+#   writes the residual's gradient in the sums pass beyond L2 and reads it back
+#   as dy for dx, else in the masked dx pass (_backward_core). knobs.pxi holds
+#   each gate.
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
