@@ -63,7 +63,7 @@ def test_fused_equals_reference_every_layout(dtype, with_res, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_identical_across_threads(dtype):
+def test_bitwise_identical_across_threads(dtype, residual_route):
     rng = np.random.default_rng(2)
     for x, axis in _layouts(rng, dtype) + [(rng.standard_normal((2048, 40)).astype(dtype), 1)]:
         r, dy, g, b = _case(rng, x, axis)
