@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 
 #: Cache sizes (bytes) when the machine does not say: L1d per core, L2 of the
-#: cores sharing the L3, L3.
-FALLBACK = {"l1": 32 << 10, "l2": 1 << 20, "l3": 32 << 20}
+#: cores sharing the L3, L3; and the L1d's associativity (lines per set).
+FALLBACK = {"l1": 32 << 10, "l2": 1 << 20, "l3": 32 << 20, "l1_ways": 8}
 
 #: Knobs that are not cache sizes: prefetch distances, the narrow-row widths of
 #: the elementwise passes, the run length below which they take the rows
@@ -41,7 +41,8 @@ def _cpus(text: str) -> int:
 
 
 def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
-    """{'l1', 'l2', 'l3'} in bytes for this machine, with 'source'."""
+    """{'l1', 'l2', 'l3'} in bytes for this machine, 'l1_ways' (the L1d's
+    associativity, FALLBACK's when not given), and 'source'."""
     found = {}
     try:
         for entry in sorted(os.listdir(root)):
@@ -57,6 +58,12 @@ def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
             if kind == "Instruction" or level not in (1, 2, 3):
                 continue
             found[f"l{level}"] = (size, d)
+            if level == 1:
+                try:
+                    with open(os.path.join(d, "ways_of_associativity")) as fh:
+                        found["l1_ways"] = (int(fh.read()), d)
+                except (OSError, ValueError):
+                    pass
     except (OSError, ValueError):
         found = {}
     if {"l1", "l2", "l3"} <= found.keys():
@@ -69,24 +76,30 @@ def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
         except (OSError, ValueError):
             l3_cpus = l2_cpus = 1
         return {"l1": found["l1"][0], "l2": found["l2"][0] * max(1, l3_cpus // l2_cpus),
-                "l3": found["l3"][0], "source": "sysfs"}
+                "l3": found["l3"][0],
+                "l1_ways": found.get("l1_ways", (FALLBACK["l1_ways"],))[0] or FALLBACK["l1_ways"],
+                "source": "sysfs"}
     try:
         sizes = {k: os.sysconf(f"SC_LEVEL{n}_{'D' if n == 1 else ''}CACHE_SIZE")
                  for k, n in (("l1", 1), ("l2", 2), ("l3", 3))}
         if all(v > 0 for v in sizes.values()):
-            return {**sizes, "source": "sysconf"}
+            ways = os.sysconf("SC_LEVEL1_DCACHE_ASSOC")
+            return {**sizes, "l1_ways": ways if ways > 0 else FALLBACK["l1_ways"],
+                    "source": "sysconf"}
     except (AttributeError, ValueError, OSError):
         pass
     return {**FALLBACK, "source": "fallback"}
 
 
 def derive(c: dict) -> dict:
-    """The knobs for caches c ({'l1', 'l2', 'l3'} bytes)."""
+    """The knobs for caches c ({'l1', 'l2', 'l3'} bytes, 'l1_ways')."""
     l1, l2, l3 = c["l1"], c["l2"], c["l3"]
+    ways = c.get("l1_ways", FALLBACK["l1_ways"])
     return {
         "beyond_l2": l2,               # prefetch hints pay once arrays leave L2
         "wide_f64_bytes": l2,          # float64 calls up to L2 run on AVX-512
         "coef_l1": 3 * l1 // 4,        # per-column coefficients that stay in L1
+        "l1_ways": ways,               # chunked groups fill at most one set's lines
         "gi_coef_min": l1 // 2,        # grad_input prefetches rows whose five
         "gi_coef_max": l1,             # coefficient vectors fill L1/2..L1 whole
         "gi_min_bytes": l3 // 2,       # ... in arrays beyond half of L3

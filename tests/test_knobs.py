@@ -20,7 +20,9 @@ SETTINGS = {
     "prefetch everywhere": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0,
                                 gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30),
     "prefetch tiles": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0, gi_coef_max=0),
-    "chunked rows": dict(coef_l1=0),
+    "chunked rows": dict(coef_l1=0, l1_ways=8),
+    "chunked, large groups": dict(coef_l1=0, l1_ways=64),
+    "chunked, pairs or whole rows": dict(coef_l1=0, l1_ways=5),
     "planes elementwise": dict(ew_rows_max_run=0),
     "rows elementwise": dict(ew_rows_max_run=1 << 30),
     "wide narrow rows": dict(flat_row=1 << 12, flat_row_grad=1 << 12),
@@ -153,14 +155,33 @@ def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
         d = tmp_path / f"index{i}"
         d.mkdir()
         for name, value in [("level", level), ("type", kind), ("size", size),
-                            ("shared_cpu_list", cpus)]:
+                            ("shared_cpu_list", cpus), ("ways_of_associativity", 12)]:
             (d / name).write_text(f"{value}\n")
     c = _knobs.caches(str(tmp_path))
-    assert c == {"l1": 48 << 10, "l2": 8 << 20, "l3": 32 << 20, "source": "sysfs"}
+    assert c == {"l1": 48 << 10, "l2": 8 << 20, "l3": 32 << 20, "l1_ways": 12,
+                 "source": "sysfs"}
     k = _knobs.derive(c)
-    assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10
+    assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10 and k["l1_ways"] == 12
     assert k["gi_min_bytes"] == 16 << 20 and k["mom_min_bytes"] == 24 << 20
     assert _knobs.caches(str(tmp_path / "missing"))["source"] in ("sysconf", "fallback")
+    (tmp_path / "index0" / "ways_of_associativity").unlink()
+    assert _knobs.caches(str(tmp_path))["l1_ways"] == _knobs.FALLBACK["l1_ways"]
+
+
+def test_chunked_groups_fill_at_most_one_l1_set(knobs):
+    """A chunked group takes l1_ways // (arrays it streams) rows, and whole rows
+    when that is one: x and y (2), dy, x and dx (3), with a residual one more in
+    the forward and two more in the masked backward (in cache)."""
+    def variants(**fused):
+        jobs = bncy.describe((130, 1030), np.float32, **fused)["jobs"]
+        return jobs["normalize"]["variant"], jobs["grad_input"]["variant"]
+
+    knobs(coef_l1=0, l1_ways=8)
+    assert variants() == ("chunked", "chunked")
+    assert variants(activation="relu", residual=True) == ("chunked", "whole rows")
+    knobs(l1_ways=5)
+    assert variants() == ("chunked", "whole rows")
+    assert variants(residual=True) == ("whole rows", "whole rows")
 
 
 def test_bncy_knobs_environment_variable(tmp_path):

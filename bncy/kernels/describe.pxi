@@ -47,12 +47,14 @@ cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
 
 
 cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
-                       int n_threads, bint grad, bint masked=False):
+                       int n_threads, bint grad, bint masked=False, bint res=False):
     # The schedule of _affine (grad False) or _grad_input (True; masked: through
     # ReLU, _grad_input_fused, whose rows loops have no prefetching twin and
-    # read a sixth coefficient vector).
+    # read a sixth coefficient vector); res: with a residual read (and, masked,
+    # its gradient written).
     cdef Py_ssize_t K = C * S, R, NR, KR, TW, pt
     cdef Py_ssize_t nvec = (6 if masked else 5) if grad else 3
+    cdef Py_ssize_t streams = (5 if res else 3) if grad else (3 if res else 2)
     if not _ew_on_rows(S):
         if isz == 2:   # 16-bit storage: _affine_run16, _gi_run16 (either schedule)
             return {"schedule": "planes", "variant": "staged pieces",
@@ -68,7 +70,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     TW = _row_tile(NR, KR, n_threads)
     d = {"schedule": "rows narrow" if R > 1 else "rows", "rows_at_a_time": R,
          "tile": TW, "knobs": ["ew_rows_max_run", "flat_row_grad" if grad else "flat_row",
-                               "coef_l1"]}
+                               "coef_l1", "l1_ways"]}
     if isz == 2:
         d["variant"] = "staged pieces"
         return d
@@ -79,7 +81,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
         d["variant"] = "prefetch whole rows"
     elif pt > 0:
         d["variant"] = f"prefetch tiles of {pt} columns"
-    elif _ew_chunked(TW, nvec):
+    elif _ew_chunked(TW, nvec, streams):
         d["variant"] = "chunked"
     else:
         d["variant"] = "whole rows"
@@ -96,10 +98,12 @@ def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize
     # the plain grad_input loops read it as dy (_backward_core)
     cdef bint in_sums = relu and res and _res_grad_in_sums(N * C * S * itemsize)
     cdef dict d = {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
-                   "normalize": _elementwise(N, C, S, itemsize, n_threads, False),
+                   "normalize": _elementwise(N, C, S, itemsize, n_threads, False, False,
+                                             res),
                    "grad_sums": _reduction(N, C, S, itemsize, n_threads, True, relu),
                    "grad_input": _elementwise(N, C, S, itemsize, n_threads, True,
-                                              relu and not in_sums)}
+                                              relu and not in_sums,
+                                              relu and res and not in_sums)}
     if relu or res:
         d["normalize"]["fused"] = ("residual + relu" if relu and res
                                    else "relu" if relu else "residual")

@@ -11,6 +11,7 @@
 cdef struct Knobs:
     Py_ssize_t beyond_l2        # bytes from which an array streams from beyond L2
     Py_ssize_t coef_l1          # bytes of per-column coefficients that stay in L1
+    Py_ssize_t l1_ways          # lines per L1 set (chunked rows, _ew_group)
     Py_ssize_t gi_coef_min      # grad_input prefetches rows whose five coefficient
     Py_ssize_t gi_coef_max      # vectors take gi_coef_min.. bytes (whole rows up
                                 # to gi_coef_max, tiles beyond) ...
@@ -28,7 +29,7 @@ cdef struct Knobs:
 cdef Knobs _kn
 
 # The names bncy._knobs sets, in order (all integers >= 0).
-KNOB_NAMES = ("beyond_l2", "coef_l1", "gi_coef_min", "gi_coef_max", "gi_min_bytes",
+KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max", "gi_min_bytes",
               "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
               "ew_rows_max_run", "flat_row", "flat_row_grad")
 
@@ -52,10 +53,20 @@ cdef inline bint _ew_on_rows(Py_ssize_t S) noexcept nogil:
     return S < _kn.ew_rows_max_run
 
 
-cdef inline bint _ew_chunked(Py_ssize_t width, Py_ssize_t nvec) noexcept nogil:
+cdef inline Py_ssize_t _ew_group(Py_ssize_t streams) noexcept nogil:
+    # Rows per group of a chunked elementwise pass that reads and writes streams
+    # arrays: a group's chunk touches streams * G lines, all in one L1 set when
+    # the row stride is a multiple of 4 KiB, and lines evicted before their
+    # second chunk are fetched twice. At most l1_ways lines, then.
+    return _kn.l1_ways // streams
+
+
+cdef inline bint _ew_chunked(Py_ssize_t width, Py_ssize_t nvec,
+                             Py_ssize_t streams) noexcept nogil:
     # A wide-row elementwise block goes through chunks of CHUNK columns when its
-    # nvec coefficient vectors of width doubles would not stay in L1.
-    return nvec * 8 * width > _kn.coef_l1
+    # nvec coefficient vectors of width doubles would not stay in L1, and groups
+    # of at least 2 rows share each chunk's coefficients.
+    return nvec * 8 * width > _kn.coef_l1 and _ew_group(streams) >= 2
 
 
 cdef inline bint _mom_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
