@@ -19,7 +19,6 @@ SETTINGS = {
     "defaults": {},
     "prefetch everywhere": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0,
                                 gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30),
-    "prefetch tiles": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0, gi_coef_max=0),
     "chunked rows": dict(coef_l1=0, l1_ways=8),
     "chunked, large groups": dict(coef_l1=0, l1_ways=64),
     "chunked, pairs or whole rows": dict(coef_l1=0, l1_ways=5),
@@ -108,7 +107,6 @@ def test_small_arrays_reach_every_variant(knobs):
         ("grad_input", "rows narrow", "whole rows"), ("grad_input", "planes", "plain"),
     }
     assert expected <= seen, expected - seen
-    assert any(j == "grad_input" and v.startswith("prefetch tiles") for j, _, v in seen)
 
 
 def test_describe_at_the_default_knobs():

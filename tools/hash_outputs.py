@@ -13,7 +13,7 @@ Covers forward (y, mean, invstd, running statistics), backward (dx, dgamma,
 dbeta), inference, the split-phase API and the layer, for float32 and float64,
 C order and an NCHW view of NHWC memory, on 1 to 4 threads. The tests' CASES
 reach every schedule and edge of the blocking; the large shapes here reach the
-prefetching loops at their default gates and the wide-row tiles.
+prefetching loops at their default gates and the wide-row chunks.
 """
 
 import hashlib

@@ -63,7 +63,7 @@
 #   Prefetching twins (same sums, same order, plus hints for rows ahead) serve
 #   large arrays: the float32 backward sums of whole-row blocks beyond L2
 #   (_rows_grad_sums_ahead), grad_input on rows whose coefficients fill most of
-#   L1, beyond half of L3 (_rows_grad_input_ahead, whole rows or tiles), and the
+#   L1, beyond half of L3 (_rows_grad_input_ahead), and the
 #   moments of whole-row blocks of short rows beyond 3/4 of L3
 #   (_rows_moments_ahead). Likewise the backward through ReLU with a residual
 #   writes the residual's gradient in the sums pass beyond L2 and reads it back

@@ -52,7 +52,8 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     # ReLU, _grad_input_fused, whose rows loops have no prefetching twin and
     # read a sixth coefficient vector); res: with a residual read (and, masked,
     # its gradient written).
-    cdef Py_ssize_t K = C * S, R, NR, KR, TW, pt
+    cdef Py_ssize_t K = C * S, R, NR, KR, TW
+    cdef bint ahead
     cdef Py_ssize_t nvec = (6 if masked else 5) if grad else 3
     cdef Py_ssize_t streams = (5 if res else 3) if grad else (3 if res else 2)
     if not _ew_on_rows(S):
@@ -74,13 +75,11 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     if isz == 2:
         d["variant"] = "staged pieces"
         return d
-    pt = _gi_rows_tile(NR, KR, TW, isz) if grad and not masked else 0
+    ahead = _gi_rows_ahead(NR, KR, TW, isz) if grad and not masked else False
     if grad:
         d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]
-    if pt == KR:
+    if ahead:
         d["variant"] = "prefetch whole rows"
-    elif pt > 0:
-        d["variant"] = f"prefetch tiles of {pt} columns"
     elif _ew_chunked(TW, nvec, streams):
         d["variant"] = "chunked"
     else:

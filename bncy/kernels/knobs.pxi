@@ -13,8 +13,7 @@ cdef struct Knobs:
     Py_ssize_t coef_l1          # bytes of per-column coefficients that stay in L1
     Py_ssize_t l1_ways          # lines per L1 set (chunked rows, _ew_group)
     Py_ssize_t gi_coef_min      # grad_input prefetches rows whose five coefficient
-    Py_ssize_t gi_coef_max      # vectors take gi_coef_min.. bytes (whole rows up
-                                # to gi_coef_max, tiles beyond) ...
+    Py_ssize_t gi_coef_max      # vectors take gi_coef_min..gi_coef_max bytes ...
     Py_ssize_t gi_min_bytes     # ... in arrays of at least this many bytes
     Py_ssize_t mom_min_bytes    # the rows moments prefetch in arrays this large ...
     Py_ssize_t mom_max_row      # ... whose rows take at most this many bytes
@@ -83,17 +82,13 @@ cdef inline bint _gsum_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
     return isz == 4 and TW >= K and N * K * isz >= _kn.beyond_l2
 
 
-cdef inline Py_ssize_t _gi_rows_tile(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
-                                     Py_ssize_t isz) noexcept nogil:
-    # Columns per tile of the prefetching rows grad_input, 0 for the plain loop:
-    # whole-row blocks whose five coefficient vectors fill most of L1, of arrays
-    # beyond half of L3; whole rows up to gi_coef_max bytes of coefficients,
-    # tiles of 768 (float32) or 512 (float64) columns beyond.
-    if TW >= K and 5 * 8 * K >= _kn.gi_coef_min and N * K * isz >= _kn.gi_min_bytes:
-        if 5 * 8 * K <= _kn.gi_coef_max:
-            return K
-        return 768 if isz == 4 else 512
-    return 0
+cdef inline bint _gi_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
+                               Py_ssize_t isz) noexcept nogil:
+    # Rows grad_input through its prefetching twin: whole-row blocks whose five
+    # coefficient vectors fill gi_coef_min..gi_coef_max bytes (most of L1), of
+    # arrays beyond half of L3. Wider rows take the chunks.
+    return (TW >= K and _kn.gi_coef_min <= 5 * 8 * K and 5 * 8 * K <= _kn.gi_coef_max
+            and N * K * isz >= _kn.gi_min_bytes)
 
 
 cdef inline bint _planes_mom_ahead(Py_ssize_t nbytes, Py_ssize_t isz) noexcept nogil:
