@@ -75,9 +75,9 @@ def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
                 l2_cpus = _cpus(fh.read())
         except (OSError, ValueError):
             l3_cpus = l2_cpus = 1
+        ways = found["l1_ways"][0] if "l1_ways" in found else 0
         return {"l1": found["l1"][0], "l2": found["l2"][0] * max(1, l3_cpus // l2_cpus),
-                "l3": found["l3"][0],
-                "l1_ways": found.get("l1_ways", (FALLBACK["l1_ways"],))[0] or FALLBACK["l1_ways"],
+                "l3": found["l3"][0], "l1_ways": ways or FALLBACK["l1_ways"],
                 "source": "sysfs"}
     try:
         sizes = {k: os.sysconf(f"SC_LEVEL{n}_{'D' if n == 1 else ''}CACHE_SIZE")

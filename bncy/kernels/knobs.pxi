@@ -28,8 +28,8 @@ cdef struct Knobs:
 cdef Knobs _kn
 
 # The names bncy._knobs sets, in order (all integers >= 0).
-KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max", "gi_min_bytes",
-              "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
+KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max",
+              "gi_min_bytes", "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
               "ew_rows_max_run", "flat_row", "flat_row_grad")
 
 
