@@ -31,15 +31,15 @@ CASES = [
     ((7, 1), -1),
     ((64, 256), 1),         # exactly one block
     ((130, 513), 1),        # row blocks and column tiles with remainders
-    ((270, 1301), 1),       # wide rows: elementwise passes in chunks of 4 rows x 8
+    ((270, 1301), 1),       # wide rows: elementwise passes in chunks of G rows x 8
                             # columns, with row and column remainders
     ((2305, 129), 1),       # float32 whole rows beyond L2 (1.2 MB): the prefetching
                             # backward sums; 9 row blocks and a last one of 1 row
     ((12801, 500), 1),      # rows of 500 columns beyond 24 MiB (both dtypes): the
                             # prefetching moments and grad_input, whole rows, pieces of
                             # 64 columns and one of 52; 51 row blocks, the last of 1 row
-    ((4097, 1030), 1),      # rows of 1030 columns beyond 16 MiB: grad_input in prefetching
-                            # tiles (float32 768 + 262 columns, float64 512 + 512 + 6)
+    ((4097, 1030), 1),      # rows of 1030 columns beyond 16 MiB, wider than grad_input's
+                            # prefetching window: its chunks, with a column remainder
     ((3, 4, 5), 1),         # rows schedule with S=5 (columns merged per channel)
     ((2, 3, 4, 5), 1),      # NCHW, S=20 (rows schedule)
     ((3, 5, 6, 7), 1),      # NCHW, S=42, N < S/8: planes (one segment)

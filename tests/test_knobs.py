@@ -53,10 +53,15 @@ def _outputs(x, dy, axis, nt):
     dx, dg, db = bncy.backward(dy, x, mean, invstd, g, axis=axis, n_threads=nt)
     yi = bncy.inference(x, rm, rv, g, b, axis=axis, n_threads=nt)
     # through ReLU with a residual (x[::-1]): beyond_l2 moves its gradient into
-    # the sums pass
-    fused = bncy.backward(dy, x, mean, invstd, g, axis=axis, beta=b, residual=x[::-1],
+    # the sums pass; the fused elementwise loops stream more arrays (l1_ways)
+    r = x[::-1]
+    fused = bncy.backward(dy, x, mean, invstd, g, axis=axis, beta=b, residual=r,
                           activation="relu", n_threads=nt)
-    return [y, mean, invstd, rm, rv, dx, dg, db, yi, *fused]
+    relu = bncy.backward(dy, x, mean, invstd, g, axis=axis, beta=b, activation="relu",
+                         n_threads=nt)
+    yf = bncy.forward(x, g, b, axis=axis, residual=r, activation="relu", n_threads=nt)[0]
+    yr = bncy.inference(x, rm, rv, g, b, axis=axis, residual=r, n_threads=nt)
+    return [y, mean, invstd, rm, rv, dx, dg, db, yi, *fused, *relu, yf, yr]
 
 
 @pytest.mark.parametrize("nt", [1, 2])
@@ -174,7 +179,7 @@ def test_chunked_groups_fill_at_most_one_l1_set(knobs):
         jobs = bncy.describe((130, 1030), np.float32, **fused)["jobs"]
         return jobs["normalize"]["variant"], jobs["grad_input"]["variant"]
 
-    knobs(coef_l1=0, l1_ways=8)
+    knobs(coef_l1=0, l1_ways=8, beyond_l2=1 << 40, gi_min_bytes=1 << 40)
     assert variants() == ("chunked", "chunked")
     assert variants(activation="relu", residual=True) == ("chunked", "whole rows")
     knobs(l1_ways=5)

@@ -25,7 +25,7 @@ DET_CASES = [
     ((8, 64, 7, 7), 1),      # runs of 49: rows statistics, planes elementwise passes
     ((2305, 129), 1),        # float32 beyond L2: prefetching backward sums, odd last block
     ((12801, 500), 1),       # beyond 24 MiB: prefetching moments and grad_input, likewise
-    ((4097, 1030), 1),       # beyond 16 MiB: grad_input in prefetching tiles
+    ((4097, 1030), 1),       # beyond 16 MiB, past grad_input's prefetching window
     ((3, 5, 20011), 1),      # planes beyond L2: float32 grad_input prefetches on 1 thread
 ]
 

@@ -495,6 +495,10 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
 
+cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a > b else b
+
+
 cdef inline void _prefetch_run(const stored* p, Py_ssize_t n) noexcept nogil:
     # Ask for the cache lines of p[0:n], n >= 1, which a later iteration reads.
     cdef Py_ssize_t i, step = 64 // sizeof(stored)

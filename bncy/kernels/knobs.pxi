@@ -55,8 +55,8 @@ cdef inline bint _ew_on_rows(Py_ssize_t S) noexcept nogil:
 cdef inline Py_ssize_t _ew_group(Py_ssize_t streams) noexcept nogil:
     # Rows per group of a chunked elementwise pass that reads and writes streams
     # arrays: a group's chunk touches streams * G lines, all in one L1 set when
-    # the row stride is a multiple of 4 KiB, and lines evicted before their
-    # second chunk are fetched twice. At most l1_ways lines, then.
+    # the row stride is a multiple of 4 KiB, and a float32 line evicted before
+    # its second chunk is fetched twice. At most l1_ways lines, then.
     return _kn.l1_ways // streams
 
 
