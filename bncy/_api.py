@@ -154,7 +154,10 @@ def describe(shape: Sequence[int], dtype, axis: int = 1,
     and ``jobs``: for ``statistics``, ``normalize``, ``grad_sums`` and
     ``grad_input``, the ``schedule`` (rows, rows narrow, planes), the
     ``variant`` (plain, prefetch, chunked, ...) and the ``knobs`` that decided it
-    with their values. The kernels take their decisions from the same functions.
+    with their values; ``grad_sums`` and ``grad_input`` give ``channel_group``
+    when the backward takes its channels that many at a time (float64 on planes,
+    beyond the ``group_bytes`` knob). The kernels take their decisions from the
+    same functions.
     ``activation`` and ``residual`` describe the fused call (``forward(...,
     residual=r, activation=...)`` and its backward): each job it fuses has a
     ``fused`` key naming its loops, and ``fused`` gives the options.

@@ -104,6 +104,7 @@ def derive(c: dict) -> dict:
         "gi_coef_max": l1,             # coefficient vectors fill L1/2..L1 whole
         "gi_min_bytes": l3 // 2,       # ... in arrays beyond half of L3
         "mom_min_bytes": 3 * l3 // 4,  # rows moments prefetch beyond 3/4 of L3
+        "group_bytes": l3 // 8,        # backward channel groups re-read from L3
         **FIXED,
     }
 

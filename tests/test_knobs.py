@@ -29,6 +29,8 @@ SETTINGS = {
                        mom_max_row=1 << 30),
     "threads always": dict(small_work=0),
     "avx2 for float64": dict(wide_f64_bytes=0),
+    "backward by channel": dict(group_bytes=1, beyond_l2=0),
+    "backward by channel pairs": dict(group_bytes=400_000),
 }
 SHAPES = [((300, 40), 1), ((130, 1030), 1), ((4, 3, 70, 70), 1), ((6, 3, 5000), 1),
           ((40, 6, 6, 3), -1), ((8, 5, 6, 7), 1), ((20, 2, 2, 64), 1), ((2, 5, 6, 7), -1)]
@@ -166,6 +168,7 @@ def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
     k = _knobs.derive(c)
     assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10 and k["l1_ways"] == 12
     assert k["gi_min_bytes"] == 16 << 20 and k["mom_min_bytes"] == 24 << 20
+    assert k["group_bytes"] == 4 << 20
     assert _knobs.caches(str(tmp_path / "missing"))["source"] in ("sysconf", "fallback")
     (tmp_path / "index0" / "ways_of_associativity").unlink()
     assert _knobs.caches(str(tmp_path))["l1_ways"] == _knobs.FALLBACK["l1_ways"]
@@ -185,6 +188,29 @@ def test_chunked_groups_fill_at_most_one_l1_set(knobs):
     knobs(l1_ways=5)
     assert variants() == ("chunked", "whole rows")
     assert variants(residual=True) == ("whole rows", "whole rows")
+
+
+def test_backward_channel_groups(knobs):
+    """The float64 backward takes channels in groups whose x and dy fit
+    group_bytes (at least one channel), when both its passes are on planes and
+    the arrays are larger; one group otherwise."""
+    def group(shape, dtype=np.float64):
+        jobs = bncy.describe(shape, dtype, n_threads=1)["jobs"]
+        assert jobs["grad_sums"].get("channel_group") == jobs["grad_input"].get("channel_group")
+        assert jobs["grad_input"]["knobs"]["group_bytes"] == bncy.knobs()["group_bytes"]
+        return jobs["grad_input"].get("channel_group")
+
+    per = 2 * 4 * 4900 * 8                      # x and dy of one channel of (4, 3, 70, 70)
+    knobs(group_bytes=2 * per)
+    assert group((4, 3, 70, 70)) == 2
+    assert group((4, 5, 70, 70)) == 2           # groups of 2, 2 and 1
+    assert group((4, 2, 70, 70)) is None        # fits: one group
+    knobs(group_bytes=1)
+    assert group((4, 3, 70, 70)) == 1
+    assert group((4, 3, 70, 70), np.float32) is None
+    assert group((300, 40)) is None             # rows schedule
+    assert group((8, 3, 4, 7)) is None          # runs of 28 values: rows
+    assert group((4, 3, 8, 8)) == 1             # planes both
 
 
 def test_bncy_knobs_environment_variable(tmp_path):

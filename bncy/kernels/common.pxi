@@ -72,6 +72,9 @@
 # * planes: each (n, c) is a contiguous run of S values, cut
 #   into segments of at most SEG values. A block is one segment; sums along it use
 #   NACC interleaved float64 accumulators in a fixed pattern, added pairwise.
+#   The float64 backward beyond group_bytes takes its channels in groups, each
+#   group's sums then its dx (_backward_core, _bwd_group): the passes see the
+#   group as an (N, G, S) array whose planes are P = C * S apart.
 #   Beyond L2, float32 grad_input on one thread asks for dy, x and dx ahead
 #   (_grad_input_planes), and float64 moments ask for the next segment while
 #   they sum the squared deviations of this one (_run_sqdev).
@@ -497,6 +500,19 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a > b else b
+
+
+# p + off, or NULL for none (optional arrays and per-channel vectors)
+cdef inline stored* _at(stored* p, Py_ssize_t off) noexcept nogil:
+    return p + off if p != NULL else NULL
+
+
+cdef inline const stored* _cat(const stored* p, Py_ssize_t off) noexcept nogil:
+    return p + off if p != NULL else NULL
+
+
+cdef inline const double* _cd(const double* p, Py_ssize_t off) noexcept nogil:
+    return p + off if p != NULL else NULL
 
 
 cdef inline void _prefetch_run(const stored* p, Py_ssize_t n) noexcept nogil:

@@ -23,11 +23,8 @@ cdef dict _reduction(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     # ReLU, _grad_sums_fused).
     cdef Py_ssize_t limit, R
     cdef dict d
-    if gsums:
-        limit = RED_ROWS_MAX_RUN if isz < 8 else ROWS_MAX_RUN
-    else:
-        limit = 2 * RED_ROWS_MAX_RUN if isz < 8 else RED_ROWS_MAX_RUN
-    if not _short_runs_on_rows(N, S, limit):
+    limit = 2 * RED_ROWS_MAX_RUN if isz < 8 else RED_ROWS_MAX_RUN
+    if _gsums_on_planes(N, S, isz) if gsums else not _short_runs_on_rows(N, S, limit):
         if gsums:
             return {"schedule": "planes", "variant": "plain", "knobs": []}
         if isz < 8:
@@ -95,14 +92,21 @@ def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize
     (bncy.backward's: the split phases mask in grad_input)."""
     # with a residual beyond L2, the sums write its gradient (the masked dy) and
     # the plain grad_input loops read it as dy (_backward_core)
+    # the backward runs in groups of G channels (_bwd_group), each its own
+    # (N, G, S) array to the passes
     cdef bint in_sums = relu and res and _res_grad_in_sums(N * C * S * itemsize)
+    cdef Py_ssize_t G = _bwd_group(N, C, S, itemsize)
     cdef dict d = {"statistics": _reduction(N, C, S, itemsize, n_threads, False),
                    "normalize": _elementwise(N, C, S, itemsize, n_threads, False, False,
                                              res),
-                   "grad_sums": _reduction(N, C, S, itemsize, n_threads, True, relu),
-                   "grad_input": _elementwise(N, C, S, itemsize, n_threads, True,
+                   "grad_sums": _reduction(N, G, S, itemsize, n_threads, True, relu),
+                   "grad_input": _elementwise(N, G, S, itemsize, n_threads, True,
                                               relu and not in_sums,
                                               relu and res and not in_sums)}
+    for job in ("grad_sums", "grad_input"):
+        d[job]["knobs"] = d[job]["knobs"] + ["group_bytes"]
+        if G < C:
+            d[job]["channel_group"] = G
     if relu or res:
         d["normalize"]["fused"] = ("residual + relu" if relu and res
                                    else "relu" if relu else "residual")

@@ -138,21 +138,21 @@ cdef void _backward_coefficients(const double* sdy, const double* sdyx,
 
 cdef int _grad_apply_core(const stored* dy, const stored* x, const stored* res,
                           bint relu, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                          const double* mean, const double* invstd, const double* gamma,
-                          const double* shift, const double* sdy, const double* sdyx,
-                          double count, bint batch_stats, stored* dx_out,
-                          stored* dres_out, double* dgamma_out, double* work,
-                          int n_threads) noexcept nogil:
+                          Py_ssize_t P, const double* mean, const double* invstd,
+                          const double* gamma, const double* shift, const double* sdy,
+                          const double* sdyx, double count, bint batch_stats,
+                          stored* dx_out, stored* dres_out, double* dgamma_out,
+                          double* work, int n_threads) noexcept nogil:
     # Coefficients from the (merged) sums, then grad_input (none when x is
     # empty), through ReLU when relu (mask from x, the coefficients, shift and
-    # res; with res, its gradient to dres_out); work holds 3 * C doubles.
-    # Returns 0, or -1 when a work buffer could not be had.
+    # res; with res, its gradient to dres_out); work holds 3 * C doubles. P as
+    # in _grad_sums. Returns 0, or -1 when a work buffer could not be had.
     _backward_coefficients(sdy, sdyx, invstd, gamma, C, count, batch_stats, work,
                            work + C, work + 2 * C, dgamma_out)
     if N * C * S == 0:
         return 0
     return _grad_input_fused(dy, x, res, relu, mean, invstd, work, work + C, work + 2 * C,
-                             shift, N, C, S, dx_out, dres_out, n_threads)
+                             shift, N, C, S, P, dx_out, dres_out, n_threads)
 
 
 cdef int _inference_core(const stored* x, const stored* res, bint relu, Py_ssize_t N,
@@ -304,7 +304,7 @@ def apply_grad(const stored[:, :, ::1] dy,   # IN (N, C, S), may be empty
     with nogil:
         rc = _grad_apply_core(&dy[0, 0, 0] if some else NULL, &x[0, 0, 0] if some else NULL,
                               &res[0, 0, 0] if some and res is not None else NULL, relu,
-                              N, C, S, &mean[0], &invstd[0], gam, &shift[0], &sdy[0],
+                              N, C, S, C * S, &mean[0], &invstd[0], gam, &shift[0], &sdy[0],
                               &sdyx[0], count, batch_stats,
                               &dx_out[0, 0, 0] if some else NULL,
                               &dres_out[0, 0, 0] if some and res is not None else NULL,
@@ -365,19 +365,32 @@ cdef int _backward_core(const stored* dy, const stored* x, const stored* res,
     # sums pass writes its gradient, the masked dy, to dres_out and dx comes from
     # that, unmasked; else grad_input masks again and writes both (as the split
     # phases do). The same bits either way. dres_out may be dy or res, never x.
-    cdef int rc
+    # Channels go in groups of G (_bwd_group): each group's sums, then its dx,
+    # while its planes are still in cache. A channel's values are the same
+    # whatever the group (its sums and its dx depend on its own planes only).
+    cdef int rc = 0
     cdef bint in_sums = res != NULL and _res_grad_in_sums(N * C * S * sizeof(stored))
+    cdef Py_ssize_t G = _bwd_group(N, C, S, sizeof(stored)), c0 = 0, o, Cg
+    cdef const double* scale = work + 4 * C
     bncy_assert(res == NULL or (relu and dres_out != NULL and dres_out != x))
     _forward_scale(invstd, gamma, C, work + 4 * C)
-    rc = _grad_sums_fused(dy, x, res, dres_out if in_sums else NULL, relu, mean,
-                          work + 4 * C, shift, N, C, S, sdy_out, work, n_threads)
-    if rc != 0:
-        return rc
-    if in_sums:
-        dy, res, relu = dres_out, NULL, False
-    return _grad_apply_core(dy, x, res, relu, N, C, S, mean, invstd, gamma, shift, sdy_out,
-                            work, <double> (N * S), True, dx_out, dres_out, dgamma_out,
-                            work + C, n_threads)
+    while rc == 0:
+        Cg = _imin(G, C - c0)
+        o = c0 * S
+        rc = _grad_sums_fused(dy + o, x + o, _cat(res, o), _at(dres_out, o) if in_sums else NULL,
+                              relu, mean + c0, scale + c0, _cd(shift, c0), N, Cg, S, C * S,
+                              sdy_out + c0, work + c0, n_threads)
+        if rc == 0:
+            rc = _grad_apply_core(<const stored*> _at(dres_out, o) if in_sums else dy + o, x + o,
+                                  NULL if in_sums else _cat(res, o), relu and not in_sums,
+                                  N, Cg, S, C * S, mean + c0, invstd + c0, _cd(gamma, c0),
+                                  _cd(shift, c0), sdy_out + c0, work + c0, <double> (N * S),
+                                  True, dx_out + o, _at(dres_out, o), dgamma_out + c0,
+                                  work + C + 3 * c0, n_threads)
+        c0 += G
+        if c0 >= C:
+            break
+    return rc
 
 
 def inference_train(const stored[:, :, ::1] x,   # IN (N, C, S)

@@ -22,6 +22,7 @@ cdef struct Knobs:
     Py_ssize_t ew_rows_max_run  # elementwise passes of shorter runs take rows
     Py_ssize_t flat_row         # narrow rows go through the affine pass this wide
     Py_ssize_t flat_row_grad    # ... and through grad_input
+    Py_ssize_t group_bytes      # x and dy of a backward channel group (_bwd_group)
 
 # Zero until bncy._knobs sets them at import (bncy._api imports it first).
 # set_knobs and get_knobs read the struct as an array in KNOB_NAMES order.
@@ -30,7 +31,7 @@ cdef Knobs _kn
 # The names bncy._knobs sets, in order (all integers >= 0).
 KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max",
               "gi_min_bytes", "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
-              "ew_rows_max_run", "flat_row", "flat_row_grad")
+              "ew_rows_max_run", "flat_row", "flat_row_grad", "group_bytes")
 
 
 def set_knobs(dict values):
@@ -101,6 +102,20 @@ cdef inline bint _gi_planes_ahead(Py_ssize_t nbytes, Py_ssize_t isz,
     # float32 planes grad_input on one thread asks for dy, x and dx ahead in
     # arrays beyond L2 (at 2 threads, and for float64, it lost).
     return isz == 4 and n_threads <= 1 and nbytes >= _kn.beyond_l2
+
+
+cdef inline Py_ssize_t _bwd_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                   Py_ssize_t isz) noexcept nogil:
+    # Channels per group of the backward (_backward_core). For float64 whose
+    # passes both take the planes schedule, with x and dy beyond group_bytes: as
+    # many channels as fit group_bytes with their x and dy (at least one), whose
+    # dx pass then re-reads them from cache. Else all C in one group (float32
+    # and 16-bit passes, bound by their conversions, gained nothing).
+    cdef Py_ssize_t per = 2 * N * S * isz
+    if (isz != 8 or _ew_on_rows(S) or not _gsums_on_planes(N, S, isz)
+            or C * per <= _kn.group_bytes):
+        return C
+    return _imax(1, _kn.group_bytes // per)
 
 
 cdef inline bint _res_grad_in_sums(Py_ssize_t nbytes) noexcept nogil:
