@@ -55,7 +55,7 @@
 #   Per-channel vectors are expanded to K columns; the S columns of a channel are
 #   merged at the end, in column order. The elementwise passes take whole rows
 #   while the per-column coefficients fit in L1, and groups of rows (as many as
-#   one L1 set holds lines of the arrays streamed, _ew_group) through chunks of
+#   one L1 set holds lines of the arrays streamed, _ew_chunk_rows) through chunks of
 #   CHUNK columns beyond (see _rows_affine_block);
 #   narrow rows (K < 16) go R at a time as one row of R*K columns (see
 #   _flat_rows); their statistics likewise, each column then merged from its R

@@ -77,7 +77,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
         d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]
     if ahead:
         d["variant"] = "prefetch whole rows"
-    elif _ew_chunked(TW, nvec, streams):
+    elif _ew_chunk_rows(TW, nvec, streams):
         d["variant"] = "chunked"
     else:
         d["variant"] = "whole rows"

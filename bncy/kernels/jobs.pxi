@@ -368,21 +368,26 @@ cdef int _backward_core(const stored* dy, const stored* x, const stored* res,
     # Channels go in groups of G (_bwd_group): each group's sums, then its dx,
     # while its planes are still in cache. A channel's values are the same
     # whatever the group (its sums and its dx depend on its own planes only).
+    # A failed allocation in a later group leaves the earlier groups' dx written.
     cdef int rc = 0
     cdef bint in_sums = res != NULL and _res_grad_in_sums(N * C * S * sizeof(stored))
     cdef Py_ssize_t G = _bwd_group(N, C, S, sizeof(stored)), c0 = 0, o, Cg
     cdef const double* scale = work + 4 * C
+    cdef const stored* rg
     bncy_assert(res == NULL or (relu and dres_out != NULL and dres_out != x))
     _forward_scale(invstd, gamma, C, work + 4 * C)
     while rc == 0:
         Cg = _imin(G, C - c0)
         o = c0 * S
-        rc = _grad_sums_fused(dy + o, x + o, _cat(res, o), _at(dres_out, o) if in_sums else NULL,
+        rg = _cat(res, o)
+        rc = _grad_sums_fused(dy + o, x + o, rg, _at(dres_out, o) if in_sums else NULL,
                               relu, mean + c0, scale + c0, _cd(shift, c0), N, Cg, S, C * S,
                               sdy_out + c0, work + c0, n_threads)
         if rc == 0:
+            if in_sums:   # dx from the residual's gradient, unmasked
+                rg = NULL
             rc = _grad_apply_core(<const stored*> _at(dres_out, o) if in_sums else dy + o, x + o,
-                                  NULL if in_sums else _cat(res, o), relu and not in_sums,
+                                  rg, relu and not in_sums,
                                   N, Cg, S, C * S, mean + c0, invstd + c0, _cd(gamma, c0),
                                   _cd(shift, c0), sdy_out + c0, work + c0, <double> (N * S),
                                   True, dx_out + o, _at(dres_out, o), dgamma_out + c0,

@@ -11,7 +11,7 @@
 cdef struct Knobs:
     Py_ssize_t beyond_l2        # bytes from which an array streams from beyond L2
     Py_ssize_t coef_l1          # bytes of per-column coefficients that stay in L1
-    Py_ssize_t l1_ways          # lines per L1 set (chunked rows, _ew_group)
+    Py_ssize_t l1_ways          # lines per L1 set (chunked rows, _ew_chunk_rows)
     Py_ssize_t gi_coef_min      # grad_input prefetches rows whose five coefficient
     Py_ssize_t gi_coef_max      # vectors take gi_coef_min..gi_coef_max bytes ...
     Py_ssize_t gi_min_bytes     # ... in arrays of at least this many bytes
@@ -53,20 +53,17 @@ cdef inline bint _ew_on_rows(Py_ssize_t S) noexcept nogil:
     return S < _kn.ew_rows_max_run
 
 
-cdef inline Py_ssize_t _ew_group(Py_ssize_t streams) noexcept nogil:
-    # Rows per group of a chunked elementwise pass that reads and writes streams
-    # arrays: a group's chunk touches streams * G lines, all in one L1 set when
+cdef inline Py_ssize_t _ew_chunk_rows(Py_ssize_t width, Py_ssize_t nvec,
+                                      Py_ssize_t streams) noexcept nogil:
+    # Rows per group of a wide-row elementwise block that goes through chunks of
+    # CHUNK columns, or 0 for whole rows. Chunks when its nvec coefficient
+    # vectors of width doubles would not stay in L1. A group's chunk touches
+    # streams * G lines of the arrays it reads and writes, all in one L1 set when
     # the row stride is a multiple of 4 KiB, and a float32 line evicted before
-    # its second chunk is fetched twice. At most l1_ways lines, then.
-    return _kn.l1_ways // streams
-
-
-cdef inline bint _ew_chunked(Py_ssize_t width, Py_ssize_t nvec,
-                             Py_ssize_t streams) noexcept nogil:
-    # A wide-row elementwise block goes through chunks of CHUNK columns when its
-    # nvec coefficient vectors of width doubles would not stay in L1, and groups
-    # of at least 2 rows share each chunk's coefficients.
-    return nvec * 8 * width > _kn.coef_l1 and _ew_group(streams) >= 2
+    # its second chunk is fetched twice: G = l1_ways // streams, and whole rows
+    # when that is below 2 (nothing shared).
+    cdef Py_ssize_t G = _kn.l1_ways // streams
+    return G if G >= 2 and nvec * 8 * width > _kn.coef_l1 else 0
 
 
 cdef inline bint _mom_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
