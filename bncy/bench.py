@@ -3,7 +3,9 @@
 Same arrays, same thread count, one run. For every case it reports the median
 time, the speed-up over torch and over the reference, and the fraction of the
 memory-bandwidth bound reached, with the bandwidth measured in the same run by
-two kernels compiled into bncy (a read sweep and a read+write sweep).
+two kernels compiled into bncy (a read sweep and a read+write sweep). bncy,
+torch, and the unfused composition or further peers where asked for, are called
+in turn round after round, so that they meet the same load of the machine.
 
 The bound counts the fewest crossings of the memory bus: inference reads x and
 writes y; training forward also reads x once more for the statistics, unless x
@@ -48,16 +50,28 @@ OPS = ("forward", "inference", "backward")
 
 
 def _median(f, repeats: int, budget: float) -> float:
-    f()
-    times = []
-    t_end = time.perf_counter() + budget
-    for i in range(repeats):
-        t0 = time.perf_counter()
+    return _medians([f], repeats, budget)[0]
+
+
+def _medians(fs, repeats: int, budget: float) -> list:
+    """The median time of each of fs, called in turn round after round (the
+    order rotating), so that every one of them meets the same load of this
+    machine: their ratios are steadier than those of back-to-back runs. One
+    warm-up call each; at least 3 rounds, then until repeats or len(fs) * budget
+    seconds."""
+    for f in fs:
         f()
-        times.append(time.perf_counter() - t0)
+    times = [[] for _ in fs]
+    t_end = time.perf_counter() + budget * len(fs)
+    for i in range(repeats):
+        for j in range(len(fs)):
+            k = (i + j) % len(fs)
+            t0 = time.perf_counter()
+            fs[k]()
+            times[k].append(time.perf_counter() - t0)
         if i >= 2 and time.perf_counter() > t_end:
             break
-    return float(np.median(times))
+    return [float(np.median(t)) for t in times]
 
 
 def measure_bandwidth(n_threads: int, nbytes: int = 256 << 20) -> dict:
@@ -262,8 +276,18 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                 extra = {name: PEERS[name](torch, x, dy, axis, C) if torch is not None else {}
                          for name in peers}
                 for op in OPS:
-                    t = _median(ours[op], repeats, budget)
-                    tt = _median(peer[op], repeats, budget) if op in peer else None
+                    # bncy, torch, the unfused composition and the further peers
+                    # in turn (_medians); the slow reference on its own
+                    timed = {"bncy": ours[op]}
+                    if op in peer:
+                        timed["torch"] = peer[op]
+                    if fused:
+                        timed["unfused"] = unfused[op]
+                    for pname, fs in extra.items():
+                        if op in fs:
+                            timed[pname] = fs[op]
+                    got = dict(zip(timed, _medians(list(timed.values()), repeats, budget)))
+                    t, tt = got["bncy"], got.get("torch")
                     tr = (_median(ref[op], max(3, repeats // 3), budget)
                           if with_reference else None)
                     tb = bound_seconds(op, x.nbytes, bws[nt])
@@ -275,9 +299,9 @@ def run(threads, shapes, dtypes, repeats, budget, with_reference=True, progress=
                         "activation": activation, "residual": bool(residual),
                     }
                     if fused:
-                        row["unfused_s"] = _median(unfused[op], repeats, budget)
-                    for pname, fs in extra.items():
-                        row[f"{pname}_s"] = _median(fs[op], repeats, budget) if op in fs else None
+                        row["unfused_s"] = got["unfused"]
+                    for pname in extra:
+                        row[f"{pname}_s"] = got.get(pname)
                     rows.append(row)
     if progress:
         print("\r" + " " * 70 + "\r", end="", file=sys.stderr)

@@ -22,6 +22,21 @@ def test_run_reports_every_case_and_a_table():
     assert all(op in text for op in bench.OPS) and "of bound" in text
 
 
+def test_peers_are_timed_in_turn():
+    """bncy, torch and the others take turns within each round, the order
+    rotating, after one warm-up call each."""
+    log = []
+    fs = [lambda n=n: log.append(n) for n in "abc"]
+    got = bench._medians(fs, repeats=4, budget=10.0)
+    assert len(got) == 3 and all(t >= 0 for t in got)
+    assert log[:3] == list("abc")
+    assert [log[3 + 3 * i:6 + 3 * i] for i in range(4)] == [
+        list("abc"), list("bca"), list("cab"), list("abc")]
+    log.clear()
+    bench._medians(fs, repeats=50, budget=0.0)     # the budget stops it after 3 rounds
+    assert len(log) == 3 + 3 * 3
+
+
 def test_bound_counts_the_passes():
     bw = {"read": 10.0, "copy": 10.0}  # GB/s
     big = 1 << 30  # no cache reuse
