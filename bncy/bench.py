@@ -156,7 +156,7 @@ def _mkldnn_case(torch, x, dy, axis, C):
 
 def _compile_case(torch, x, dy, axis, C):
     """The same aten calls through torch.compile (Inductor's generated C++); the
-    first call, which compiles, is the warm-up that _median discards."""
+    first call, which compiles, is the warm-up that _medians discards."""
     return _aten_case(torch, *_torch_tensors(torch, x, dy, axis), C, wrap=torch.compile)
 
 

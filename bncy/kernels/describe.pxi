@@ -104,7 +104,8 @@ def describe_paths(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize
                                               relu and not in_sums,
                                               relu and res and not in_sums)}
     for job in ("grad_sums", "grad_input"):
-        d[job]["knobs"] = d[job]["knobs"] + ["group_bytes"]
+        if itemsize == 8:    # (_bwd_group reads the knob for float64 only)
+            d[job]["knobs"] = d[job]["knobs"] + ["group_bytes"]
         if G < C:
             d[job]["channel_group"] = G
     if relu or res:
