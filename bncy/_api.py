@@ -275,7 +275,7 @@ def buffer_cache_info() -> dict:
 
 
 _buffers.set_limit(_default_cache_limit())
-set_knobs(**{**_knobs.derive(_CACHES),
+set_knobs(**{**_knobs.derive(_CACHES, _baseline.cpu_has_avx512()),
              **_knobs.from_env(os.environ.get("BNCY_KNOBS", ""), _KNOB_NAMES)})
 
 

@@ -91,8 +91,19 @@ def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
     return {**FALLBACK, "source": "fallback"}
 
 
-def derive(c: dict) -> dict:
-    """The knobs for caches c ({'l1', 'l2', 'l3'} bytes, 'l1_ways')."""
+#: A threshold no array reaches: the loop it gates is off.
+OFF = 1 << 62
+
+
+def derive(c: dict, avx512: bool = True) -> dict:
+    """The knobs for caches c ({'l1', 'l2', 'l3'} bytes, 'l1_ways') on a CPU with
+    or without AVX-512.
+
+    Two prefetching loops won on a CPU with AVX-512 (Zen 5) and lost on one
+    without (Zen 3) with the same cache sizes, so AVX-512 stands in for the core
+    generation there (docs/tuning.md): without it, the rows grad_input twin only
+    takes rows the chunks would take (coefficients beyond coef_l1), and the
+    float32 planes grad_input hints are off."""
     l1, l2, l3 = c["l1"], c["l2"], c["l3"]
     ways = c.get("l1_ways", FALLBACK["l1_ways"])
     return {
@@ -100,11 +111,14 @@ def derive(c: dict) -> dict:
         "wide_f64_bytes": l2,          # float64 calls up to L2 run on AVX-512
         "coef_l1": 3 * l1 // 4,        # per-column coefficients that stay in L1
         "l1_ways": ways,               # chunked groups fill at most one set's lines
-        "gi_coef_min": l1 // 2,        # grad_input prefetches rows whose five
-        "gi_coef_max": l1,             # coefficient vectors fill L1/2..L1 whole
+        # grad_input prefetches rows whose five coefficient vectors fill
+        # L1/2..L1 (3/4 L1..L1 without AVX-512) whole ...
+        "gi_coef_min": l1 // 2 if avx512 else 3 * l1 // 4,
+        "gi_coef_max": l1,
         "gi_min_bytes": l3 // 2,       # ... in arrays beyond half of L3
         "mom_min_bytes": 3 * l3 // 4,  # rows moments prefetch beyond 3/4 of L3
         "group_bytes": l3 // 8,        # backward channel groups re-read from L3
+        "gi_planes_min_bytes": l2 if avx512 else OFF,
         **FIXED,
     }
 

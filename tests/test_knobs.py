@@ -18,7 +18,8 @@ from conftest import HALF, make
 SETTINGS = {
     "defaults": {},
     "prefetch everywhere": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0,
-                                gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30),
+                                gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30,
+                                gi_planes_min_bytes=0),
     "chunked rows": dict(coef_l1=0, l1_ways=8),
     "chunked, large groups": dict(coef_l1=0, l1_ways=64),
     "chunked, pairs or whole rows": dict(coef_l1=0, l1_ways=5),
@@ -26,7 +27,7 @@ SETTINGS = {
     "rows elementwise": dict(ew_rows_max_run=1 << 30),
     "wide narrow rows": dict(flat_row=1 << 12, flat_row_grad=1 << 12),
     "near hints": dict(beyond_l2=0, pf_bytes=0, mom_pf_bytes=0, mom_min_bytes=0,
-                       mom_max_row=1 << 30),
+                       mom_max_row=1 << 30, gi_planes_min_bytes=0),
     "threads always": dict(small_work=0),
     "avx2 for float64": dict(wide_f64_bytes=0),
     "backward by channel": dict(group_bytes=1, beyond_l2=0),
@@ -124,7 +125,12 @@ def test_describe_at_the_default_knobs():
     v = _variants((65536, 512), np.float32)
     assert v["statistics"] == ("rows", "prefetch")
     assert v["grad_sums"] == ("rows", "prefetch")
-    assert v["grad_input"] == ("rows", "prefetch whole rows")
+    # without AVX-512 the grad_input twin starts where the chunks would (derive)
+    from bncy._api import _baseline
+    avx512 = _baseline.cpu_has_avx512()
+    assert v["grad_input"] == ("rows", "prefetch whole rows" if avx512 else "whole rows")
+    assert (_variants((32, 64, 56, 56), np.float32)["grad_input"]
+            == ("planes", "prefetch" if avx512 else "plain"))
     assert _variants((64, 256), np.float32)["grad_input"] == ("rows", "whole rows")
     assert _variants((32, 64, 56, 56), np.float32)["statistics"] == ("planes", "shifted pieces")
     d = bncy.describe((32, 64, 56, 56), "float64", n_threads=2)
@@ -170,6 +176,11 @@ def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
     assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10 and k["l1_ways"] == 12
     assert k["gi_min_bytes"] == 16 << 20 and k["mom_min_bytes"] == 24 << 20
     assert k["group_bytes"] == 4 << 20
+    assert k["gi_coef_min"] == 24 << 10 and k["gi_planes_min_bytes"] == 8 << 20
+    k2 = _knobs.derive(c, avx512=False)
+    assert k2["gi_coef_min"] == k2["coef_l1"] and k2["gi_planes_min_bytes"] >= 1 << 62
+    assert {n: v for n, v in k2.items() if v != k[n]}.keys() == {"gi_coef_min",
+                                                               "gi_planes_min_bytes"}
     assert _knobs.caches(str(tmp_path / "missing"))["source"] in ("sysconf", "fallback")
     (tmp_path / "index0" / "ways_of_associativity").unlink()
     assert _knobs.caches(str(tmp_path))["l1_ways"] == _knobs.FALLBACK["l1_ways"]

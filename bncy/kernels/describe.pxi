@@ -59,9 +59,9 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
                     "knobs": ["ew_rows_max_run"]}
         if grad and _gi_planes_ahead(N * C * S * isz, isz, n_threads):
             return {"schedule": "planes", "variant": "prefetch",
-                    "knobs": ["ew_rows_max_run", "beyond_l2", "pf_bytes"]}
+                    "knobs": ["ew_rows_max_run", "gi_planes_min_bytes", "pf_bytes"]}
         return {"schedule": "planes", "variant": "plain",
-                "knobs": ["ew_rows_max_run"] + (["beyond_l2"] if grad else [])}
+                "knobs": ["ew_rows_max_run"] + (["gi_planes_min_bytes"] if grad else [])}
     R = _flat_rows(N, K, _kn.flat_row_grad if grad else _kn.flat_row)
     NR = N // R
     KR = K * R

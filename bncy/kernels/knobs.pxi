@@ -23,6 +23,7 @@ cdef struct Knobs:
     Py_ssize_t flat_row         # narrow rows go through the affine pass this wide
     Py_ssize_t flat_row_grad    # ... and through grad_input
     Py_ssize_t group_bytes      # x and dy of a backward channel group (_bwd_group)
+    Py_ssize_t gi_planes_min_bytes  # float32 planes grad_input asks ahead from here
 
 # Zero until bncy._knobs sets them at import (bncy._api imports it first).
 # set_knobs and get_knobs read the struct as an array in KNOB_NAMES order.
@@ -31,7 +32,8 @@ cdef Knobs _kn
 # The names bncy._knobs sets, in order (all integers >= 0).
 KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max",
               "gi_min_bytes", "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
-              "ew_rows_max_run", "flat_row", "flat_row_grad", "group_bytes")
+              "ew_rows_max_run", "flat_row", "flat_row_grad", "group_bytes",
+              "gi_planes_min_bytes")
 
 
 def set_knobs(dict values):
@@ -97,8 +99,9 @@ cdef inline bint _planes_mom_ahead(Py_ssize_t nbytes, Py_ssize_t isz) noexcept n
 cdef inline bint _gi_planes_ahead(Py_ssize_t nbytes, Py_ssize_t isz,
                                   int n_threads) noexcept nogil:
     # float32 planes grad_input on one thread asks for dy, x and dx ahead in
-    # arrays beyond L2 (at 2 threads, and for float64, it lost).
-    return isz == 4 and n_threads <= 1 and nbytes >= _kn.beyond_l2
+    # arrays of at least gi_planes_min_bytes (at 2 threads, and for float64, it
+    # lost).
+    return isz == 4 and n_threads <= 1 and nbytes >= _kn.gi_planes_min_bytes
 
 
 cdef inline Py_ssize_t _bwd_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
