@@ -15,7 +15,8 @@ import os
 
 #: Cache sizes (bytes) when the machine does not say: L1d per core, L2 of the
 #: cores sharing the L3, L3; and the L1d's associativity (lines per set).
-FALLBACK = {"l1": 32 << 10, "l2": 1 << 20, "l3": 32 << 20, "l1_ways": 8}
+FALLBACK = {"l1": 32 << 10, "l2": 1 << 20, "l3": 32 << 20, "l1_ways": 8,
+            "l2_core": 512 << 10}
 
 #: Knobs that are not cache sizes: prefetch distances, the narrow-row widths of
 #: the elementwise passes, the run length below which they take the rows
@@ -42,7 +43,8 @@ def _cpus(text: str) -> int:
 
 def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
     """{'l1', 'l2', 'l3'} in bytes for this machine, 'l1_ways' (the L1d's
-    associativity, FALLBACK's when not given), and 'source'."""
+    associativity, FALLBACK's when not given), 'l2_core' (one core's L2) and
+    'source'."""
     found = {}
     try:
         for entry in sorted(os.listdir(root)):
@@ -78,14 +80,14 @@ def caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
         ways = found["l1_ways"][0] if "l1_ways" in found else 0
         return {"l1": found["l1"][0], "l2": found["l2"][0] * max(1, l3_cpus // l2_cpus),
                 "l3": found["l3"][0], "l1_ways": ways or FALLBACK["l1_ways"],
-                "source": "sysfs"}
+                "l2_core": found["l2"][0], "source": "sysfs"}
     try:
         sizes = {k: os.sysconf(f"SC_LEVEL{n}_{'D' if n == 1 else ''}CACHE_SIZE")
                  for k, n in (("l1", 1), ("l2", 2), ("l3", 3))}
         if all(v > 0 for v in sizes.values()):
             ways = os.sysconf("SC_LEVEL1_DCACHE_ASSOC")
             return {**sizes, "l1_ways": ways if ways > 0 else FALLBACK["l1_ways"],
-                    "source": "sysconf"}
+                    "l2_core": sizes["l2"], "source": "sysconf"}
     except (AttributeError, ValueError, OSError):
         pass
     return {**FALLBACK, "source": "fallback"}
@@ -96,15 +98,17 @@ OFF = 1 << 62
 
 
 def derive(c: dict, avx512: bool = True) -> dict:
-    """The knobs for caches c ({'l1', 'l2', 'l3'} bytes, 'l1_ways') on a CPU with
-    or without AVX-512.
+    """The knobs for caches c ({'l1', 'l2', 'l3', 'l2_core'} bytes, 'l1_ways') on a
+    CPU with or without AVX-512.
 
-    Two prefetching loops won on a CPU with AVX-512 (Zen 5) and lost on one
-    without (Zen 3) with the same cache sizes, so AVX-512 stands in for the core
-    generation there (docs/tuning.md): without it, the rows grad_input twin only
-    takes rows the chunks would take (coefficients beyond coef_l1), and the
-    float32 planes grad_input hints are off."""
+    Loops that won on a CPU with AVX-512 (Zen 5) lost on one without (Zen 3)
+    with the same cache sizes, so AVX-512 stands in for the core generation
+    there (docs/tuning.md). Without it: grad_input takes whole rows while its
+    coefficients fit half a core's L2 (chunks beyond), its rows twin takes only
+    rows whose coefficients exceed coef_l1, and the float32 planes grad_input
+    hints are off."""
     l1, l2, l3 = c["l1"], c["l2"], c["l3"]
+    l2_core = c.get("l2_core", FALLBACK["l2_core"])
     ways = c.get("l1_ways", FALLBACK["l1_ways"])
     return {
         "beyond_l2": l2,               # prefetch hints pay once arrays leave L2
@@ -119,6 +123,8 @@ def derive(c: dict, avx512: bool = True) -> dict:
         "mom_min_bytes": 3 * l3 // 4,  # rows moments prefetch beyond 3/4 of L3
         "group_bytes": l3 // 8,        # backward channel groups re-read from L3
         "gi_planes_min_bytes": l2 if avx512 else OFF,
+        # grad_input's chunks: beyond coef_l1 (without AVX-512: L2_core / 2)
+        "gi_chunk_coef": 3 * l1 // 4 if avx512 else l2_core // 2,
         **FIXED,
     }
 

@@ -20,9 +20,9 @@ SETTINGS = {
     "prefetch everywhere": dict(beyond_l2=0, gi_min_bytes=0, gi_coef_min=0,
                                 gi_coef_max=1 << 30, mom_min_bytes=0, mom_max_row=1 << 30,
                                 gi_planes_min_bytes=0),
-    "chunked rows": dict(coef_l1=0, l1_ways=8),
-    "chunked, large groups": dict(coef_l1=0, l1_ways=64),
-    "chunked, pairs or whole rows": dict(coef_l1=0, l1_ways=5),
+    "chunked rows": dict(coef_l1=0, gi_chunk_coef=0, l1_ways=8),
+    "chunked, large groups": dict(coef_l1=0, gi_chunk_coef=0, l1_ways=64),
+    "chunked, pairs or whole rows": dict(coef_l1=0, gi_chunk_coef=0, l1_ways=5),
     "planes elementwise": dict(ew_rows_max_run=0),
     "rows elementwise": dict(ew_rows_max_run=1 << 30),
     "wide narrow rows": dict(flat_row=1 << 12, flat_row_grad=1 << 12),
@@ -171,7 +171,7 @@ def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
             (d / name).write_text(f"{value}\n")
     c = _knobs.caches(str(tmp_path))
     assert c == {"l1": 48 << 10, "l2": 8 << 20, "l3": 32 << 20, "l1_ways": 12,
-                 "source": "sysfs"}
+                 "l2_core": 1 << 20, "source": "sysfs"}
     k = _knobs.derive(c)
     assert k["beyond_l2"] == 8 << 20 and k["coef_l1"] == 36 << 10 and k["l1_ways"] == 12
     assert k["gi_min_bytes"] == 16 << 20 and k["mom_min_bytes"] == 24 << 20
@@ -179,8 +179,9 @@ def test_caches_from_sysfs_and_the_knobs_derived(tmp_path):
     assert k["gi_coef_min"] == 24 << 10 and k["gi_planes_min_bytes"] == 8 << 20
     k2 = _knobs.derive(c, avx512=False)
     assert k2["gi_coef_min"] == k2["coef_l1"] and k2["gi_planes_min_bytes"] >= 1 << 62
-    assert {n: v for n, v in k2.items() if v != k[n]}.keys() == {"gi_coef_min",
-                                                               "gi_planes_min_bytes"}
+    assert k["gi_chunk_coef"] == k["coef_l1"] and k2["gi_chunk_coef"] == 512 << 10
+    assert {n: v for n, v in k2.items() if v != k[n]}.keys() == {
+        "gi_coef_min", "gi_planes_min_bytes", "gi_chunk_coef"}
     assert _knobs.caches(str(tmp_path / "missing"))["source"] in ("sysconf", "fallback")
     (tmp_path / "index0" / "ways_of_associativity").unlink()
     assert _knobs.caches(str(tmp_path))["l1_ways"] == _knobs.FALLBACK["l1_ways"]
@@ -194,7 +195,7 @@ def test_chunked_groups_fill_at_most_one_l1_set(knobs):
         jobs = bncy.describe((130, 1030), np.float32, **fused)["jobs"]
         return jobs["normalize"]["variant"], jobs["grad_input"]["variant"]
 
-    knobs(coef_l1=0, l1_ways=8, beyond_l2=1 << 40, gi_min_bytes=1 << 40)
+    knobs(coef_l1=0, gi_chunk_coef=0, l1_ways=8, beyond_l2=1 << 40, gi_min_bytes=1 << 40)
     assert variants() == ("chunked", "chunked")
     assert variants(activation="relu", residual=True) == ("chunked", "whole rows")
     knobs(l1_ways=5)

@@ -13,7 +13,7 @@ from conftest import DTYPES, HALF, make
 DET_CASES = [
     ((1000, 37), 1),         # rows, many row blocks
     ((70, 600), 1),          # rows, several column tiles (elementwise too, from 2 threads)
-    ((70, 1301), 1),         # wide rows: chunked elementwise passes on 1 thread, plain
+    ((70, 1301), 1),         # wide rows: chunked normalize pass on 1 thread, plain
                              # column tiles from 2
     ((300, 7, 5), 1),        # rows with S=5
     ((6, 5, 33, 33), 1),     # planes

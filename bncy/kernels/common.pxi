@@ -54,7 +54,8 @@
 #   Block statistics take one pass, shifted by the block's first row.
 #   Per-channel vectors are expanded to K columns; the S columns of a channel are
 #   merged at the end, in column order. The elementwise passes take whole rows
-#   while the per-column coefficients fit in L1, and groups of rows (as many as
+#   while the per-column coefficients fit in L1 (grad_input: gi_chunk_coef
+#   bytes, half a core's L2 on CPUs without AVX-512), and groups of rows (as many as
 #   one L1 set holds lines of the arrays streamed, _ew_chunk_rows) through chunks of
 #   CHUNK columns beyond (see _rows_affine_block);
 #   narrow rows (K < 16) go R at a time as one row of R*K columns (see
@@ -75,9 +76,10 @@
 #   The float64 backward beyond group_bytes takes its channels in groups, each
 #   group's sums then its dx (_backward_core, _bwd_group): the passes see the
 #   group as an (N, G, S) array whose planes are P = C * S apart.
-#   Beyond L2, float32 grad_input on one thread asks for dy, x and dx ahead
-#   (_grad_input_planes), and float64 moments ask for the next segment while
-#   they sum the squared deviations of this one (_run_sqdev).
+#   float32 grad_input on one thread asks for dy, x and dx ahead from
+#   gi_planes_min_bytes (_grad_input_planes; L2 where the CPU has AVX-512, else
+#   off), and float64 moments beyond L2 ask for the next segment while they sum
+#   the squared deviations of this one (_run_sqdev).
 #
 # Precision. Statistics accumulate in float64 whatever the input dtype, and never
 # as E[x^2] - E[x]^2 about zero. Rows blocks sum x - p and (x - p)**2 with p the

@@ -68,7 +68,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
     TW = _row_tile(NR, KR, n_threads)
     d = {"schedule": "rows narrow" if R > 1 else "rows", "rows_at_a_time": R,
          "tile": TW, "knobs": ["ew_rows_max_run", "flat_row_grad" if grad else "flat_row",
-                               "coef_l1", "l1_ways"]}
+                               "gi_chunk_coef" if grad else "coef_l1", "l1_ways"]}
     if isz == 2:
         d["variant"] = "staged pieces"
         return d
@@ -77,7 +77,7 @@ cdef dict _elementwise(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t isz,
         d["knobs"] += ["gi_coef_min", "gi_coef_max", "gi_min_bytes", "pf_bytes"]
     if ahead:
         d["variant"] = "prefetch whole rows"
-    elif _ew_chunk_rows(TW, nvec, streams):
+    elif _ew_chunk_rows(TW, nvec, streams, grad):
         d["variant"] = "chunked"
     else:
         d["variant"] = "whole rows"

@@ -24,6 +24,7 @@ cdef struct Knobs:
     Py_ssize_t flat_row_grad    # ... and through grad_input
     Py_ssize_t group_bytes      # x and dy of a backward channel group (_bwd_group)
     Py_ssize_t gi_planes_min_bytes  # float32 planes grad_input asks ahead from here
+    Py_ssize_t gi_chunk_coef    # grad_input's chunks: beyond this many coefficient bytes
 
 # Zero until bncy._knobs sets them at import (bncy._api imports it first).
 # set_knobs and get_knobs read the struct as an array in KNOB_NAMES order.
@@ -33,7 +34,7 @@ cdef Knobs _kn
 KNOB_NAMES = ("beyond_l2", "coef_l1", "l1_ways", "gi_coef_min", "gi_coef_max",
               "gi_min_bytes", "mom_min_bytes", "mom_max_row", "pf_bytes", "mom_pf_bytes",
               "ew_rows_max_run", "flat_row", "flat_row_grad", "group_bytes",
-              "gi_planes_min_bytes")
+              "gi_planes_min_bytes", "gi_chunk_coef")
 
 
 def set_knobs(dict values):
@@ -56,16 +57,18 @@ cdef inline bint _ew_on_rows(Py_ssize_t S) noexcept nogil:
 
 
 cdef inline Py_ssize_t _ew_chunk_rows(Py_ssize_t width, Py_ssize_t nvec,
-                                      Py_ssize_t streams) noexcept nogil:
+                                      Py_ssize_t streams, bint grad) noexcept nogil:
     # Rows per group of a wide-row elementwise block that goes through chunks of
     # CHUNK columns, or 0 for whole rows. Chunks when its nvec coefficient
-    # vectors of width doubles would not stay in L1. A group's chunk touches
+    # vectors of width doubles would not stay in L1 (coef_l1), or for
+    # grad_input (grad) beyond gi_chunk_coef. A group's chunk touches
     # streams * G lines of the arrays it reads and writes, all in one L1 set when
     # the row stride is a multiple of 4 KiB, and a float32 line evicted before
     # its second chunk is fetched twice: G = l1_ways // streams, and whole rows
     # when that is below 2 (nothing shared).
     cdef Py_ssize_t G = _kn.l1_ways // streams
-    return G if G >= 2 and nvec * 8 * width > _kn.coef_l1 else 0
+    cdef Py_ssize_t limit = _kn.gi_chunk_coef if grad else _kn.coef_l1
+    return G if G >= 2 and nvec * 8 * width > limit else 0
 
 
 cdef inline bint _mom_rows_ahead(Py_ssize_t N, Py_ssize_t K, Py_ssize_t TW,
