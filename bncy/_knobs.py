@@ -110,21 +110,22 @@ def derive(c: dict, avx512: bool = True) -> dict:
     l1, l2, l3 = c["l1"], c["l2"], c["l3"]
     l2_core = c.get("l2_core", FALLBACK["l2_core"])
     ways = c.get("l1_ways", FALLBACK["l1_ways"])
+    coef_l1 = 3 * l1 // 4
     return {
         "beyond_l2": l2,               # prefetch hints pay once arrays leave L2
         "wide_f64_bytes": l2,          # float64 calls up to L2 run on AVX-512
-        "coef_l1": 3 * l1 // 4,        # per-column coefficients that stay in L1
+        "coef_l1": coef_l1,            # per-column coefficients that stay in L1
         "l1_ways": ways,               # chunked groups fill at most one set's lines
         # grad_input prefetches rows whose five coefficient vectors fill
-        # L1/2..L1 (3/4 L1..L1 without AVX-512) whole ...
-        "gi_coef_min": l1 // 2 if avx512 else 3 * l1 // 4,
+        # L1/2..L1 (coef_l1..L1 without AVX-512) whole ...
+        "gi_coef_min": l1 // 2 if avx512 else coef_l1,
         "gi_coef_max": l1,
         "gi_min_bytes": l3 // 2,       # ... in arrays beyond half of L3
         "mom_min_bytes": 3 * l3 // 4,  # rows moments prefetch beyond 3/4 of L3
         "group_bytes": l3 // 8,        # backward channel groups re-read from L3
         "gi_planes_min_bytes": l2 if avx512 else OFF,
         # grad_input's chunks: beyond coef_l1 (without AVX-512: L2_core / 2)
-        "gi_chunk_coef": 3 * l1 // 4 if avx512 else l2_core // 2,
+        "gi_chunk_coef": coef_l1 if avx512 else l2_core // 2,
         **FIXED,
     }
 
