@@ -279,7 +279,7 @@ def _np(t):
 def _tensor(a, fmt=torch.contiguous_format):
     """A tensor over a NumPy result of bncy (no copy), in memory format fmt (bncy
     keeps the input's layout; channels_last gets torch's strides on size-1 axes)."""
-    if a.dtype.kind == "V":   # bfloat16, ml_dtypes' (dtype.name takes 3 us)
+    if a.dtype.kind == "V":   # bfloat16 (ml_dtypes'); dtype.name is built per call
         t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_numpy(a)

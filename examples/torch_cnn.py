@@ -84,8 +84,9 @@ def main(argv=None):
     ref = network()
     ours = bt.convert(copy.deepcopy(ref))
 
-    for model in (ref, ours):   # warm up on copies: torch's first calls set up its
-        train(copy.deepcopy(model), data[:3])   # thread pool and conv kernels
+    # warm up on copies: torch's first steps set up its thread pool and conv kernels
+    for model in (ref, ours):
+        train(copy.deepcopy(model), data[:3])
     t0 = time.perf_counter()
     torch_losses = train(ref, data)
     t1 = time.perf_counter()
