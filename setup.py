@@ -4,7 +4,9 @@
 Compiler flags live in one place, ``BuildExt``: ``-O3`` plus OpenMP
 (``-fopenmp`` with gcc/clang, ``/openmp`` with MSVC) when a probe program
 builds, a serial build with a warning otherwise. ``-ffp-contract=off`` keeps
-every build rounding the same way whether or not the target has FMA.
+every build rounding the same way whether or not the target has FMA;
+``-fno-math-errno`` lets gcc vectorise ``sqrt`` (correctly rounded either way;
+nothing reads errno).
 No ``-march=native`` and no ``-ffast-math``: wheels must run on any x86-64 and
 NaN/inf must propagate.
 
@@ -116,7 +118,7 @@ class BuildExt(build_ext):
             opt = ["/Od", "/Zi"] if DEBUG else ["/O2", "/fp:precise"]
         else:
             opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3", "-DNDEBUG"]
-            opt += ["-ffp-contract=off", "-Wno-unreachable-code"]
+            opt += ["-ffp-contract=off", "-fno-math-errno", "-Wno-unreachable-code"]
             if not DEBUG and _accepts(cc, ALIAS_CHECKS):
                 opt += ALIAS_CHECKS
         for ext in self.extensions:

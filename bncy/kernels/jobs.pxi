@@ -20,16 +20,23 @@ cdef int _train_coefficients(const double* mean, const double* m2, Py_ssize_t C,
                              double count, double eps, const double* gamma,
                              double* var_out, double* invstd_out,
                              double* scale_out) noexcept nogil:
-    # Per channel: var, invstd, gamma * invstd. Counts the channels that need
-    # bncy._api's scaled recomputation: a non-finite mean or M2 (float64 data
-    # whose squares overflow, or NaN/inf in the channel), or M2 == 0 with
-    # eps == 0 (a constant channel, or squares that underflowed).
+    # Per channel: var, invstd, gamma * invstd, in loops without branches (gcc
+    # vectorises them; a vector lane computes what a scalar one did). Counts the
+    # channels that need bncy._api's scaled recomputation: a non-finite mean or
+    # M2 (float64 data whose squares overflow, or NaN/inf in the channel), or
+    # M2 == 0 with eps == 0 (a constant channel, or squares that underflowed).
     cdef Py_ssize_t c
     cdef int suspicious = 0
     for c in range(C):
         var_out[c] = m2[c] / count
         invstd_out[c] = 1.0 / sqrt(var_out[c] + eps)
-        scale_out[c] = invstd_out[c] * gamma[c] if gamma != NULL else invstd_out[c]
+    if gamma != NULL:
+        for c in range(C):
+            scale_out[c] = invstd_out[c] * gamma[c]
+    else:
+        for c in range(C):
+            scale_out[c] = invstd_out[c]
+    for c in range(C):
         if (not (m2[c] - m2[c] == 0.0) or not (mean[c] - mean[c] == 0.0)
                 or (eps == 0.0 and m2[c] == 0.0)):
             suspicious += 1
@@ -47,14 +54,22 @@ cdef struct Running:
 cdef void _ema(Running r, const double* v, Py_ssize_t C, double momentum,
                double factor) noexcept nogil:
     # r = (1 - momentum) * r + momentum * (factor * v), in float64, rounded once.
+    # A contiguous statistic takes a loop gcc vectorises (the same operations).
     cdef Py_ssize_t c
-    cdef float* f
-    cdef double* d
-    for c in range(C):
-        if r.t == cnp.NPY_FLOAT32:
+    cdef float* f = <float*> r.data
+    cdef double* d = <double*> r.data
+    if r.t == cnp.NPY_FLOAT32 and r.stride == sizeof(float):
+        for c in range(C):
+            f[c] = <float> ((1.0 - momentum) * f[c] + momentum * (factor * v[c]))
+    elif r.t == cnp.NPY_FLOAT32:
+        for c in range(C):
             f = <float*> (r.data + c * r.stride)
             f[0] = <float> ((1.0 - momentum) * f[0] + momentum * (factor * v[c]))
-        else:
+    elif r.stride == sizeof(double):
+        for c in range(C):
+            d[c] = (1.0 - momentum) * d[c] + momentum * (factor * v[c])
+    else:
+        for c in range(C):
             d = <double*> (r.data + c * r.stride)
             d[0] = (1.0 - momentum) * d[0] + momentum * (factor * v[c])
 
@@ -162,11 +177,14 @@ cdef int _inference_core(const stored* x, const stored* res, bint relu, Py_ssize
     # scale = gamma / sqrt(running_var + eps), then the affine pass (with res
     # and relu as in _finish_train); work holds
     # 2 * C doubles. Returns 0, or -1 when a work buffer could not be had.
+    # (Loops without branches, which gcc vectorises.)
     cdef Py_ssize_t c
     for c in range(C):
         work[c] = 1.0 / sqrt(running_var[c] + eps)
-        if gamma != NULL:
+    if gamma != NULL:
+        for c in range(C):
             work[c] = work[c] * gamma[c]
+    for c in range(C):
         work[C + c] = beta[c] if beta != NULL else 0.0
     return _affine_fused(x, res, relu, running_mean, work, work + C, N, C, S, y_out,
                          n_threads)
