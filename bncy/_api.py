@@ -115,8 +115,9 @@ _DTYPES = "float32, float64, float16 and bfloat16"
 
 def _supported(dt: np.dtype) -> bool:
     """float32, float64, float16, or bfloat16 (ml_dtypes' dtype, known by its name
-    so that ml_dtypes is never imported here)."""
-    return dt in _FLOATS or dt == _F16 or (dt.name == "bfloat16" and dt.itemsize == 2)
+    so that ml_dtypes is never imported here), in native byte order."""
+    return dt in _FLOATS or dt == _F16 or (dt.name == "bfloat16" and dt.itemsize == 2
+                                           and dt.isnative)
 
 
 def _bits(a):
@@ -504,8 +505,8 @@ class _GradPlan:
     """A validated backward (bncy.backward, grad_stats, apply_grad) call."""
 
     __slots__ = ("x3", "y3", "dy3", "res3", "dres3", "relu", "result", "dres_result",
-                 "dres_back", "k", "nt", "C", "count", "dtype", "mean", "invstd", "gamma",
-                 "shift")
+                 "dres_back", "dres_copy", "k", "nt", "C", "count", "dtype", "mean",
+                 "invstd", "gamma", "shift")
 
 
 class _InferPlan:
@@ -660,7 +661,7 @@ def _check_grad(dy, x, mean, invstd, gamma, axis, *, local: bool = True, beta=No
     p.relu = _check_activation(activation)
     p.res3 = _check_residual(residual, x)
     p.shift = np.zeros(C) if beta is None else _as_f64(_check_vector(beta, "beta", C))
-    p.dres3 = p.dres_result = p.dres_back = None
+    p.dres3 = p.dres_result = p.dres_back = p.dres_copy = None
     return dy, x, ax, p
 
 
@@ -677,21 +678,29 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
         raise ValueError("bncy: residual_out needs a residual")
     if not p.relu:
         p.res3 = None    # the add's gradient is dy itself: no kernel reads it
-    if fused_res and residual_out is not None and np.may_share_memory(x, residual_out):
+    if residual_out is not None and np.may_share_memory(x, residual_out):
         x = x.copy(order="K")   # the backward writes residual_out, then reads x
     _layout(p, x, ax, out, dy, p.res3, residual_out if fused_res else False,
             output=output)
     if p.res3 is None and residual is not None:
-        # no activation: the residual's gradient is dy, copied now (before dx may
-        # overwrite it) when it goes to residual_out or dx may alias dy
+        # no activation: the residual's gradient is dy. residual_out receives it
+        # from _copy_dres, after every check and before dx (which may alias dy)
+        # is written; else a copy now when dx may overwrite dy.
         d = np.asarray(dy)
         if residual_out is not None:
             _check_out(residual_out, d, "residual_out")
-            np.copyto(residual_out, d)
-            p.dres_result = residual_out
+            if out is not None and np.may_share_memory(residual_out, out):
+                raise ValueError("bncy: residual_out and out overlap")
+            p.dres_result, p.dres_copy = residual_out, d
         else:
             p.dres_result = d.copy() if out is not None and np.may_share_memory(out, d) else d
     return p
+
+
+def _copy_dres(p: _GradPlan) -> None:
+    """dy into residual_out, for a residual without an activation (see _plan_grad)."""
+    if p.dres_copy is not None:
+        np.copyto(p.dres_result, p.dres_copy)
 
 
 def _finish_dres(p: _GradPlan):
@@ -720,6 +729,7 @@ def _apply_grad(p: _GradPlan, sdy, sdyx, count: int, *, batch_stats: bool = True
     batch_stats=False: mean and invstd are constants (an eval-mode pass), so
     dx = gamma * invstd * dy."""
     dgamma = np.empty(p.C)
+    _copy_dres(p)
     p.k.apply_grad(_bits(p.dy3), _bits(p.x3), _bits(p.res3), p.relu, p.mean, p.invstd, p.gamma,
                    p.shift, sdy, sdyx, float(count), batch_stats, _bits(p.y3), _bits(p.dres3),
                    dgamma, p.nt)
@@ -942,6 +952,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     p = _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, beta=beta,
                    residual=residual, activation=activation, residual_out=residual_out)
     sdy, dgamma = np.empty(p.C), np.empty(p.C)
+    _copy_dres(p)
     # the backward job: gradient sums, then the gradient apply job
     p.k.backward_train(_bits(p.dy3), _bits(p.x3), _bits(p.res3), p.relu, p.mean, p.invstd, p.gamma,
                        p.shift, _bits(p.y3), _bits(p.dres3), sdy, dgamma, p.nt)

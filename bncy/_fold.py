@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bncy import _api
+from bncy.reference import _round
 
 __all__ = ["fold"]
 
@@ -21,7 +22,7 @@ def fold(weight: ArrayLike, bias: ArrayLike | None, running_mean: ArrayLike,
 
     Parameters
     ----------
-    weight : ndarray, float32 or float64
+    weight : ndarray, float32, float64, float16 or bfloat16
         A linear layer's (out, in) or a convolution's (out, in, kh, kw) weight.
     bias : ndarray of shape (out,), optional
         None: the layer had none; the folded layer gets a new one.
@@ -52,8 +53,7 @@ def fold(weight: ArrayLike, bias: ArrayLike | None, running_mean: ArrayLike,
     s = g / np.sqrt(rv + e)
     w64 = w.astype(np.float64) * s.reshape(shape)
     b64 = (b0 - rm) * s + b
-    with np.errstate(over="ignore"):
-        wf, bf = w64.astype(w.dtype), b64.astype(w.dtype)
+    wf, bf = _round(w64, w.dtype), _round(b64, w.dtype)   # once (bfloat16 too)
     for name, v64, v in (("weight", w64, wf), ("bias", b64, bf)):
         over = np.isfinite(v64) & ~np.isfinite(v)
         if over.any():

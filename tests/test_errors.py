@@ -120,6 +120,8 @@ CASES = [
      lambda st: _bwd(st, residual_out=np.empty((4, C, 5)))),
     ("residual_out overlaps out", ValueError,
      lambda st: _bwd(st, residual=st["x"], activation="relu", residual_out=st["out"])),
+    ("residual_out overlaps out, no activation", ValueError,
+     lambda st: _bwd(st, residual=st["x"], residual_out=st["out"])),
     ("residual_out dtype", TypeError,
      lambda st: _bwd(st, residual=st["x"], activation="relu",
                      residual_out=np.empty((4, C, 5), np.float32))),

@@ -166,6 +166,34 @@ def test_out_aliases_and_residual_out():
     assert np.array_equal(bncy.backward(dy, x, m, s, residual=r)[3], dy)
 
 
+def test_residual_out_without_activation():
+    """Without an activation the residual's gradient is dy, written to
+    residual_out after every check and after x is read: residual_out may be x
+    itself, may not overlap out, and is untouched when apply_grad raises."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((16, 5, 9))
+    r, dy = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    _, m, s = bncy.forward(x)
+    want = bncy.backward(dy, x, m, s, residual=r)
+    x2 = x.copy()
+    got = bncy.backward(dy, x2, m, s, residual=r, residual_out=x2)
+    assert got[3] is x2 and np.array_equal(x2, dy)
+    for a, w in zip(got[:3], want[:3]):
+        assert np.array_equal(a, w)
+    stats = bncy.grad_stats(dy, x, m)
+    x2 = x.copy()
+    got = bncy.apply_grad(dy, x2, m, s, stats, 16 * 9, residual=r, residual_out=x2)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(x2, dy)
+    o = np.empty_like(x)
+    with pytest.raises(ValueError, match="overlap"):
+        bncy.backward(dy, x, m, s, residual=r, out=o, residual_out=o)
+    ro = np.full_like(x, 7.0)
+    for bad in (0, 8.0):
+        with pytest.raises((ValueError, TypeError)):
+            bncy.apply_grad(dy, x, m, s, stats, bad, residual=r, residual_out=ro)
+        assert np.all(ro == 7.0)
+
+
 def _storage_dtypes():
     out = DTYPES + [np.float16]
     try:
@@ -349,6 +377,19 @@ def test_fold_equals_layer_then_inference(dtype, with_bias):
     got = np.einsum("oi,nihw->nohw", Wcf[:, :, 0, 0].astype(np.float64),
                     xc.astype(np.float64)) + bcf[:, None, None]
     np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+def test_fold_rounds_bfloat16_once():
+    """bfloat16 weights are rounded once from float64 (ml_dtypes' cast goes
+    through float32): 1 + 2**-8 + 2**-30 rounds up, not to 1."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf = np.dtype(ml_dtypes.bfloat16)
+    v = 1 + 2.0**-8 + 2.0**-30
+    W = np.ones((2, 3), bf)
+    wf, bf_ = bncy.fold(W, np.zeros(2, bf), np.zeros(2), np.ones(2), np.full(2, v), None,
+                        eps=0.0)
+    assert wf.dtype == bf and np.all(wf.astype(np.float64) == 1 + 2.0**-7)
+    assert np.all(bf_.astype(np.float64) == 0.0)
 
 
 def test_fold_warns_on_overflow():

@@ -261,6 +261,9 @@ def test_bad_half_inputs_raise_before_writing(dtype):
         bncy.forward(x, g[:2], running_mean=rm, running_var=rv, out=out)
     with pytest.raises(TypeError, match="supported dtypes are float32, float64, float16"):
         bncy.forward(x.view(np.int16))
+    swapped = x.byteswap().view(x.dtype.newbyteorder())   # same values, other byte order
+    with pytest.raises(TypeError, match="supported dtypes"):
+        bncy.forward(swapped, running_mean=rm, running_var=rv)
     for a, b_ in zip(before, (rm, rv, out)):
         assert_array_equal(a, b_)
 
