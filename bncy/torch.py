@@ -55,7 +55,6 @@ import numbers
 import numpy as np
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 import bncy
 
@@ -208,7 +207,8 @@ def _eager_format(input, running_mean, running_var, weight, bias, training, eps,
     their errors are then replaced by _check's messages."""
     if type(input) is not torch.Tensor or _compiling() or type(eps) is not float \
             or _dispatch_depth() or _transforms_active() or _wrapped(input) \
-            or input.layout is not torch.strided:
+            or input.layout is not torch.strided or _tracing() is not None \
+            or _fwd_ad._current_level >= 0:
         return None
     dtype = input.dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
@@ -226,6 +226,30 @@ _compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _transforms_active = torch._C._are_functorch_transforms_active
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_tracing = torch._C._get_tracing_state   # torch.jit.trace
+_fwd_ad = torch.autograd.forward_ad      # its _current_level is -1 outside dual_level()
+_fx_tracing = torch.fx._symbolic_trace.is_fx_tracing
+
+
+def _refuse_transforms(tensors) -> None:
+    """NotImplementedError for what the op cannot follow: forward-mode AD (dual
+    tensors, torch.func.jvp; their tangents came out None or zero) and
+    torch.func's grad transforms (grad, vjp, jacrev, hessian; they failed inside
+    torch). Not called while compiling."""
+    if _fwd_ad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and _fwd_ad.unpack_dual(t).tangent is not None
+            for t in tensors):
+        raise NotImplementedError("bncy.torch: forward-mode AD (torch.autograd.forward_ad) "
+                                  "is not supported")
+    if _transforms_active():
+        kinds = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
+        if kinds & {_Transform.Jvp, _Transform.Grad}:
+            raise NotImplementedError("bncy.torch: torch.func.grad, vjp, jacrev, jacfwd, jvp "
+                                      "and hessian are not supported (torch.autograd.grad "
+                                      "and torch.vmap are)")
+
+
+_Transform = torch._C._functorch.TransformType
 
 
 # ---------------------------------------------------------------------------
@@ -284,6 +308,13 @@ def _tensor(a, fmt=torch.contiguous_format):
     else:
         t = torch.from_numpy(a)
     return t if fmt is torch.contiguous_format else _canonical(t, fmt)
+
+
+def _empty_result(xn, fmt):
+    """The result of an empty batch: a new tensor of xn's shape and dtype, with
+    torch's strides for memory format fmt."""
+    dtype = torch.bfloat16 if xn.dtype.kind == "V" else torch.from_numpy(xn[:0]).dtype
+    return torch.empty(xn.shape, dtype=dtype, memory_format=fmt)
 
 
 _BFLOAT16 = []   # ml_dtypes.bfloat16's NumPy dtype, once imported
@@ -369,7 +400,7 @@ def _forward(xn, rmn, rvn, wn, bn, training, momentum, eps, fmt, rn=None, act=No
         _store(rvn, rv32)
         return _tensor(y, fmt), mean, invstd
     if xn.size == 0:
-        return _tensor(np.empty(xn.shape, xn.dtype), fmt), None, None
+        return _empty_result(xn, fmt), None, None
     y = bncy.inference(xn, rm32, rv32, wn, bn, eps=eps, axis=1, n_threads=nt, residual=rn,
                        activation=act)
     return _tensor(y, fmt), None, None
@@ -412,15 +443,16 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, ac
     already masked by the caller for an activation. The residual's gradient is dy
     (masked with an activation). dweight and dbias come in dtype gdt."""
     dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
+    if xn.size == 0:   # an empty batch
+        dres = None if rn is None else dy
+        return torch.empty_like(dy, memory_format=fmt), torch.zeros(xn.shape[1], dtype=gdt), \
+            torch.zeros(xn.shape[1], dtype=gdt), dres
     if training:
         r = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt, beta=bn,
                           residual=rn if act else None, activation=act)
         dres = None if rn is None else dy if act is None else _tensor(r[3], fmt)
         return _tensor(r[0], fmt), _vector(r[1], gdt), _vector(r[2], gdt), dres
     dres = None if rn is None else dy
-    if xn.size == 0:   # an empty eval-mode batch
-        return torch.empty_like(dy, memory_format=fmt), torch.zeros(xn.shape[1], dtype=gdt), \
-            torch.zeros(xn.shape[1], dtype=gdt), dres
     sums = bncy.grad_stats(dyn, xn, mean, axis=1, n_threads=nt)
     scale = invstd if wn is None else wn.astype(np.float64) * invstd
     zeros = np.zeros_like(invstd)
@@ -428,6 +460,23 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, ac
     dx = bncy.inference(dyn, zeros, zeros, scale, None, eps=1.0, axis=1, n_threads=nt)
     return _tensor(dx, fmt), _vector(sums.sum_dy_xc * invstd, gdt), \
         _vector(np.asarray(sums.sum_dy, np.float64), gdt), dres
+
+
+def _empty_batch(input, weight, bias, residual, activation, fmt):
+    """A training call on an empty batch, as torch answers it: an empty result of
+    input's shape, differentiable (the gradients of weight and bias are zeros),
+    and the running statistics left as they are."""
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    y = input.clone(memory_format=fmt)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    if residual is not None:
+        y = y + residual
+    if activation is not None:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=fmt)
 
 
 def _relu_masked(dy, y):
@@ -464,13 +513,14 @@ class _BatchNormFunction(torch.autograd.Function):
         read = (x, weight, bias, residual) if training and act else (x, weight)
         ctx.state = (xn, wn, bn, rn, mean, invstd, training, fmt, act, read, _versions(read),
                      _grad_dtype(input, weight, bias))
+        ctx.inputs = (input, weight, bias, residual)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        if _grad_enabled():   # create_graph=True: no second derivative (raises if one
-            return _once_backward(ctx, dy)   # is asked for); once_differentiable
-        return _function_backward(ctx, dy)   # costs 8 us, so only here
+        if _grad_enabled():   # create_graph=True
+            return _FirstDerivatives.apply(_function_backward, ctx, dy, *ctx.inputs)
+        return _function_backward(ctx, dy)
 
 
 def _versions(tensors) -> tuple:
@@ -491,7 +541,27 @@ def _function_backward(ctx, dy):
             dres if need[3] else None, None)
 
 
-_once_backward = once_differentiable(_function_backward)
+class _FirstDerivatives(torch.autograd.Function):
+    """The first derivatives under create_graph=True, fn(fctx, dy), as the outputs
+    of a node with an edge to every tensor they depend on (dy and the forward's
+    inputs), whose backward raises: a second derivative through them reaches it
+    whatever torch.autograd.grad's inputs are. (once_differentiable's error node
+    has no edges, so grad(..., inputs=...) did not reach it and silently left
+    the second-order term out.)"""
+
+    @staticmethod
+    def forward(ctx, fn, fctx, dy, *inputs):
+        # an output that is dy itself (the residual's gradient) becomes a copy
+        return tuple(t.clone() if t is dy else t for t in fn(fctx, dy))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_TWICE)
+
+
+_TWICE = ("bncy.torch: trying to differentiate twice: the gradient of batch_norm is "
+          "bncy's closed form, computed outside autograd; create_graph=True gives the "
+          "first derivative only")
 
 # Function.apply without its Python wrapper (8 us), which routes functorch
 # transforms and binds the defaults of a setup_context: _eager_format sends every
@@ -508,7 +578,7 @@ def _eager(input) -> bool:
     if type(input) is not torch.Tensor:
         return not isinstance(input, torch.Tensor)
     return not (_compiling() or _dispatch_depth() or _transforms_active()
-                or _wrapped(input))
+                or _wrapped(input) or _tracing() is not None)
 
 
 # ---------------------------------------------------------------------------
@@ -530,6 +600,9 @@ def _op_batch_norm(input, running_mean, running_var, weight, bias, training, eps
     fmt = _check(input, running_mean, running_var, weight, bias, training, 0.0, eps,
                  residual=residual, activation=activation)
     xn, rn = _np(_canonical(input, fmt)), _np(residual)
+    if training and xn.size == 0:   # torch's empty batch (_batch_norm_ops skips the update)
+        zeros = np.zeros(xn.shape[1])
+        return (_empty_result(xn, fmt), *(torch.from_numpy(zeros.copy()) for _ in range(3)))
     if training:
         y, mean, invstd, var = _forward_unbiased(xn, _np(weight), _np(bias), eps, fmt, rn,
                                                  activation)
@@ -608,6 +681,16 @@ def _op_backward(ctx, dy, _dmean, _dinvstd, _dvar):
 _op_batch_norm.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+def _op_backward_twice(ctx, *grads):
+    """bncy::batch_norm_backward's own backward: there is none (create_graph=True
+    gives the first derivative only), and asking for it raises rather than
+    leaving the term out."""
+    raise RuntimeError(_TWICE)
+
+
+_op_batch_norm_backward.register_autograd(_op_backward_twice)
+
+
 @torch.library.custom_op(
     "bncy::update_running_stats", mutates_args=("running_mean", "running_var"),
     schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
@@ -639,7 +722,8 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
     y, mean, _, var = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
                                                 bias, bool(training), eps, residual,
                                                 activation)
-    if training and running_mean is not None and running_var is not None:
+    if training and running_mean is not None and running_var is not None \
+            and input.numel() > 0:
         torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum)
     return y
 
@@ -648,6 +732,7 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
 # The functional interface
 # ---------------------------------------------------------------------------
 
+@torch.fx.wrap   # a leaf of torch.fx.symbolic_trace, as torch's batch norm is
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                residual=None, activation: str | None = None):
@@ -700,6 +785,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         channel when training, missing running statistics in eval mode,
         momentum or eps out of range, an activation other than None and
         "relu". Nothing is written when an exception is raised.
+    NotImplementedError
+        Forward-mode AD (dual tensors, ``torch.func.jvp``) and ``torch.func``'s
+        grad transforms. A second derivative through the result raises
+        RuntimeError when it is asked for.
 
     Notes
     -----
@@ -712,6 +801,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
     fmt = _eager_format(input, running_mean, running_var, weight, bias, training, eps,
                         residual, activation)
     if fmt is None:
+        if not _compiling():
+            _refuse_transforms((input, weight, bias, residual))
         if not _eager(input):
             return _batch_norm_ops(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, residual, activation)
@@ -732,6 +823,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         # the precise message when an argument is at fault, else bncy's
         _check(input, running_mean, running_var, weight, bias, training, momentum, eps,
                residual=residual, activation=activation)
+        if training and input.numel() == 0:
+            return _empty_batch(input, weight, bias, residual, activation, fmt)
         raise
     if training:
         _written(running_mean, running_var)
@@ -785,6 +878,11 @@ class _BncyForward:
     def forward(self, input, residual=None):
         if isinstance(input, torch.Tensor):   # else batch_norm's TypeError
             self._check_input_dim(input)
+        elif self.training and self.track_running_stats and _fx_tracing():
+            raise NotImplementedError(
+                "bncy.torch: torch.fx.symbolic_trace of a bncy batch norm in training mode "
+                "with running statistics is not supported (the traced graph would not count "
+                "num_batches_tracked); trace it in eval mode")
         running_mean, running_var, use_batch = self._arguments()
         y = batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
                        self._factor(), self.eps, residual=residual,
@@ -977,35 +1075,42 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.count, ctx.group, ctx.C = total.count, group, C
         ctx.gdt = _grad_dtype(input, weight, bias)
         ctx.save_for_backward(x, weight)
+        ctx.inputs = (input, weight, bias)
         return _tensor(y, ctx.fmt)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        nt = torch.get_num_threads()
-        dyn, xn = _np(_canonical(dy, ctx.fmt)), _np(x)
+        if _grad_enabled():   # create_graph=True
+            return _FirstDerivatives.apply(_sync_backward, ctx, dy, *ctx.inputs)
+        return _sync_backward(ctx, dy)
 
-        def local():
-            sums = bncy.grad_stats(dyn, xn, ctx.mean, axis=1, n_threads=nt)
-            return _DTYPES.index(x.dtype), 0, (sums.sum_dy, sums.sum_dy_xc)
 
-        status = _guarded(local)
-        need = ctx.needs_input_grad
-        dx = None
-        if need[0]:     # the same graph on every rank, so every rank takes part
-            parts = _exchange(ctx.group, ctx.C, 2, status)
-            total = bncy.merge_grad_stats([bncy.GradStats(*rows) for _, rows in parts])
-            dxn, _, _ = bncy.apply_grad(dyn, xn, ctx.mean, ctx.invstd, total, ctx.count,
-                                        _np(weight), axis=1, n_threads=nt)
-            dx = _tensor(dxn, ctx.fmt)
-        elif status[0] == "error":
-            raise status[1]
-        sum_dy, sum_dy_xc = status[3]
-        dw = _vector(sum_dy_xc * ctx.invstd, ctx.gdt)
-        db = _vector(np.asarray(sum_dy, np.float64), ctx.gdt)
-        return (dx, dw if need[1] else None, db if need[2] else None,
-                None, None, None, None, None, None)
+def _sync_backward(ctx, dy):
+    """_SyncBatchNormFunction's backward: dx from the sums of every rank."""
+    x, weight = ctx.saved_tensors
+    nt = torch.get_num_threads()
+    dyn, xn = _np(_canonical(dy, ctx.fmt)), _np(x)
+
+    def local():
+        sums = bncy.grad_stats(dyn, xn, ctx.mean, axis=1, n_threads=nt)
+        return _DTYPES.index(x.dtype), 0, (sums.sum_dy, sums.sum_dy_xc)
+
+    status = _guarded(local)
+    need = ctx.needs_input_grad
+    dx = None
+    if need[0]:     # the same graph on every rank, so every rank takes part
+        parts = _exchange(ctx.group, ctx.C, 2, status)
+        total = bncy.merge_grad_stats([bncy.GradStats(*rows) for _, rows in parts])
+        dxn, _, _ = bncy.apply_grad(dyn, xn, ctx.mean, ctx.invstd, total, ctx.count,
+                                    _np(weight), axis=1, n_threads=nt)
+        dx = _tensor(dxn, ctx.fmt)
+    elif status[0] == "error":
+        raise status[1]
+    sum_dy, sum_dy_xc = status[3]
+    dw = _vector(sum_dy_xc * ctx.invstd, ctx.gdt)
+    db = _vector(np.asarray(sum_dy, np.float64), ctx.gdt)
+    return (dx, dw if need[1] else None, db if need[2] else None,
+            None, None, None, None, None, None)
 
 
 def _sync_group(process_group):

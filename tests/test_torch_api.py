@@ -155,8 +155,38 @@ def test_empty_batch_in_eval_mode():
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
-    with pytest.raises(ValueError):
-        bt.batch_norm(x.detach(), rm, rv, w, b, True)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (2, 3, 0, 4)])
+def test_empty_batch_in_training_as_torch(shape):
+    """An empty batch in training (detection models' empty proposal batches): an
+    empty result, zero gradients for weight and bias,
+    the running statistics untouched, num_batches_tracked counted; through the
+    eager path, the custom ops and the module, as torch does it."""
+    for via in ("eager", "ops"):
+        w, b, rm, rv = vectors(3, torch.float32)
+        w.requires_grad_()
+        b.requires_grad_()
+        rm0, rv0 = rm.clone(), rv.clone()
+        x = torch.empty(shape)
+        if len(shape) == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        fn = bt.batch_norm if via == "eager" else bt._batch_norm_ops
+        args = (x, rm, rv, w, b, True, 0.1, 1e-5) + (() if via == "eager" else (None, None))
+        y = fn(*args)
+        want = F.batch_norm(x, rm0.clone(), rv0.clone(), w, b, True)
+        assert y.shape == want.shape and y.dtype == want.dtype
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+        assert gx.shape == x.shape and torch.equal(gw, torch.zeros(3))
+        assert torch.equal(gb, torch.zeros(3))
+    m, ref = bt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    if len(shape) == 4:
+        for mod in (m, ref):
+            mod(torch.empty(shape))
+        assert torch.equal(m.num_batches_tracked, ref.num_batches_tracked)
+        assert torch.equal(m.running_mean, ref.running_mean)
 
 
 def test_gradcheck_float64():
@@ -192,6 +222,75 @@ def test_double_backward_is_refused_not_wrong():
     torch.testing.assert_close(g.detach(), g2, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("via", ["eager", "ops", "module"])
+def test_second_derivative_with_inputs_raises(via):
+    """A gradient penalty (WGAN-GP) through a batch norm: grad(penalty, W1), whose
+    only path through the norm is its backward's dependence on x, raises rather
+    than leaving that term out (once_differentiable's error node had no edges,
+    so grad(..., inputs=...) never reached it). hessian too."""
+    torch.manual_seed(0)
+    lin, w = nn.Linear(4, 3).double(), torch.rand(3, dtype=torch.float64, requires_grad=True)
+    if via == "module":
+        bn = bt.BatchNorm1d(3).double()
+    elif via == "eager":
+        def bn(h):
+            return bt.batch_norm(h, None, None, w, None, True)
+    else:
+        def bn(h):
+            return bt._batch_norm_ops(h, None, None, w, None, True, 0.1, 1e-5, None, None)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(torch.tanh(bn(lin(x))).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(g.pow(2).sum(), lin.weight)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.functional.hessian(lambda a: bn(a).pow(3).sum(), data((4, 3)))
+
+
+def test_forward_ad_and_func_transforms_raise():
+    """Forward-mode AD and torch.func's grad transforms, which the op cannot
+    follow, raise NotImplementedError (their tangents came out None or zero)."""
+    import torch.autograd.forward_ad as fwAD
+    x, t = data((6, 3)), torch.randn(6, 3, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        bt.batch_norm(fwAD.make_dual(x, t), None, None, training=True)
+    def f(a):
+        return bt.batch_norm(a, None, None, training=True).pow(3).sum()
+    for call in (lambda: torch.func.jvp(f, (x,), (t,)), lambda: torch.func.grad(f)(x),
+                 lambda: torch.func.jacrev(f)(x)):
+        with pytest.raises(NotImplementedError, match="not supported"):
+            call()
+    # no dual tensor among the arguments: runs as usual inside a dual level
+    with fwAD.dual_level():
+        assert torch.equal(bt.batch_norm(x, None, None, training=True),
+                           bt.batch_norm(x, None, None, training=True))
+
+
+def test_jit_trace_records_the_op():
+    """torch.jit.trace goes through the custom ops: the traced module computes
+    from its input (it had baked the traced output in as a constant)."""
+    model = bt.convert(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).double()
+    x1, x2 = data((8, 4), seed=1), data((8, 4), seed=2)
+    for train in (False, True):
+        model.train(train)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, x1, check_trace=False)
+            assert torch.equal(traced(x2), model(x2))
+
+
+def test_fx_symbolic_trace():
+    """bncy's batch_norm is a leaf of torch.fx.symbolic_trace, as torch's is; a
+    module in training mode with running statistics is refused (the graph
+    would not count num_batches_tracked)."""
+    model = bt.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()))
+    x = torch.randn(2, 3, 4, 4)
+    gm = torch.fx.symbolic_trace(model.eval())
+    assert torch.equal(gm(x), model(x))
+    gm = torch.fx.symbolic_trace(lambda a: bt.batch_norm(a, None, None, training=True))
+    assert torch.equal(gm(x), bt.batch_norm(x, None, None, training=True))
+    with pytest.raises(NotImplementedError, match="fx"):
+        torch.fx.symbolic_trace(model.train())
 
 
 @pytest.mark.parametrize("changed", ["input", "weight"])
