@@ -433,10 +433,12 @@ def _update_running(running_mean, running_var, mean, var, momentum: float):
     _written(running_mean, running_var)
 
 
-def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, act=None):
-    """(dx, dweight, dbias, dresidual) tensors (dresidual None without a residual
-    rn), from dy, NumPy views of x, weight, bias and the residual (or None) and the
-    float64 statistics of the forward. Training: bncy's closed form (bncy.backward;
+def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, act=None,
+              res=False):
+    """(dx, dweight, dbias, dresidual) tensors (dresidual None unless res: the
+    forward had a residual), from dy, NumPy views of x, weight, bias and the
+    residual (or None; read only for the training ReLU mask) and the float64
+    statistics of the forward. Training: bncy's closed form (bncy.backward;
     with act="relu" it recomputes the forward's mask from x, weight, bias and the
     residual). Eval: the gradient of the per-channel affine map, dx = weight *
     invstd * dy, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy), with dy
@@ -444,15 +446,15 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, ac
     (masked with an activation). dweight and dbias come in dtype gdt."""
     dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
     if xn.size == 0:   # an empty batch
-        dres = None if rn is None else dy
+        dres = dy if res else None
         return torch.empty_like(dy, memory_format=fmt), torch.zeros(xn.shape[1], dtype=gdt), \
             torch.zeros(xn.shape[1], dtype=gdt), dres
     if training:
         r = bncy.backward(dyn, xn, mean, invstd, wn, axis=1, n_threads=nt, beta=bn,
                           residual=rn if act else None, activation=act)
-        dres = None if rn is None else dy if act is None else _tensor(r[3], fmt)
+        dres = None if not res else dy if act is None else _tensor(r[3], fmt)
         return _tensor(r[0], fmt), _vector(r[1], gdt), _vector(r[2], gdt), dres
-    dres = None if rn is None else dy
+    dres = dy if res else None
     sums = bncy.grad_stats(dyn, xn, mean, axis=1, n_threads=nt)
     scale = invstd if wn is None else wn.astype(np.float64) * invstd
     zeros = np.zeros_like(invstd)
@@ -489,53 +491,49 @@ def _relu_masked(dy, y):
 # ---------------------------------------------------------------------------
 
 class _BatchNormFunction(torch.autograd.Function):
-    """batch_norm in eager mode, called through _apply. ctx.state holds NumPy views
-    (x, weight, bias, residual), the float64 statistics, and the tensors the
-    backward reads with their versions: the backward refuses them modified in place
-    since the forward, as saved tensors would be (save_for_backward and
-    saved_tensors cost 3 us more). The arguments that take no gradient travel in
-    one tuple: every tensor argument of a Function costs time."""
+    """batch_norm in eager mode, called through _apply. The backward's tensors go
+    through save_for_backward (input, weight; bias and the residual for the
+    training ReLU mask; the output for the eval ReLU mask), so that autograd
+    checks their versions and saved-tensor hooks (activation checkpointing,
+    save_on_cpu) see them; ctx.state holds the float64 statistics and flags. The
+    arguments that take no gradient travel in one tuple: every tensor argument
+    of a Function costs time."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, rest):
         running_mean, running_var, training, momentum, eps, fmt, act = rest
-        x = _canonical(input, fmt)
-        xn, wn, bn, rn = _np(x), _np(weight), _np(bias), _np(residual)
-        y, mean, invstd = _forward(xn, _np(running_mean), _np(running_var), wn, bn,
-                                   training, momentum, eps, fmt, rn, act)
+        y, mean, invstd = _forward(_np(_canonical(input, fmt)), _np(running_mean),
+                                   _np(running_var), _np(weight), _np(bias), training,
+                                   momentum, eps, fmt, _np(residual), act)
         if not training:
             mean, invstd = _eval_stats(running_mean, running_var, eps)
-            if act is not None:   # the eval backward masks dy with the output
-                ctx.save_for_backward(y)
         elif running_mean is not None:
             _bump_version((running_mean, running_var))
-        # training with ReLU recomputes the mask from bias and the residual too
-        read = (x, weight, bias, residual) if training and act else (x, weight)
-        ctx.state = (xn, wn, bn, rn, mean, invstd, training, fmt, act, read, _versions(read),
+        mask = training and act is not None   # recomputed from bias and the residual too
+        ctx.save_for_backward(input, weight, bias if mask else None,
+                              residual if mask else None,
+                              y if act is not None and not training else None)
+        ctx.state = (mean, invstd, training, fmt, act, residual is not None,
                      _grad_dtype(input, weight, bias))
-        ctx.inputs = (input, weight, bias, residual)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         if _grad_enabled():   # create_graph=True
-            return _FirstDerivatives.apply(_function_backward, ctx, dy, *ctx.inputs)
+            input, weight, bias, residual, _ = ctx.saved_tensors
+            return _FirstDerivatives.apply(_function_backward, ctx, dy, input, weight, bias,
+                                           residual)
         return _function_backward(ctx, dy)
 
 
-def _versions(tensors) -> tuple:
-    return tuple([None if t is None else t._version for t in tensors])
-
-
 def _function_backward(ctx, dy):
-    xn, wn, bn, rn, mean, invstd, training, fmt, act, read, versions, gdt = ctx.state
-    if _versions(read) != versions:
-        raise RuntimeError("one of the variables needed for gradient computation has been "
-                           "modified by an inplace operation: an input of "
-                           "bncy.torch.batch_norm, since its forward")
+    input, weight, bias, residual, y = ctx.saved_tensors
+    mean, invstd, training, fmt, act, has_residual, gdt = ctx.state
     if act is not None and not training:
-        dy = _relu_masked(dy, ctx.saved_tensors[0])
-    dx, dw, db, dres = _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn, rn, act)
+        dy = _relu_masked(dy, y)
+    dx, dw, db, dres = _backward(dy, _np(_canonical(input, fmt)), _np(weight), mean, invstd,
+                                 training, fmt, gdt, _np(bias), _np(residual), act,
+                                 has_residual)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
             dres if need[3] else None, None)
@@ -638,7 +636,7 @@ def _op_batch_norm_backward(grad_out, input, weight, mean, invstd, training, bia
     dx, dw, db, dres = _backward(grad_out, _np(_canonical(input, fmt)), _np(weight),
                                  mean.numpy(), invstd.numpy(), training, fmt,
                                  _grad_dtype(input, weight, bias), _np(bias), rn,
-                                 activation if training else None)
+                                 activation if training else None, rn is not None)
     return dx, dw, db, grad_out.new_empty((0,)) if rn is None else dres
 
 

@@ -248,6 +248,26 @@ def test_second_derivative_with_inputs_raises(via):
         torch.autograd.functional.hessian(lambda a: bn(a).pow(3).sum(), data((4, 3)))
 
 
+def test_saved_tensors_go_through_autograd():
+    """The backward's tensors are saved with save_for_backward: saved-tensor hooks
+    (activation checkpointing, save_on_cpu) see the input, and a block under
+    torch.utils.checkpoint (non-reentrant) gives the gradients it gives without."""
+    packed = []
+    x = data((6, 3)).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                  lambda t: t):
+        bt.batch_norm(x, None, None, w, None, True)
+    assert any(t is x for t in packed)
+    torch.manual_seed(0)
+    block = bt.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(),
+                                     nn.Linear(4, 2))).double()
+    plain = torch.autograd.grad(block(x).pow(2).sum(), list(block.parameters()))
+    ckpt = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    for a, b in zip(plain, torch.autograd.grad(ckpt.pow(2).sum(), list(block.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_forward_ad_and_func_transforms_raise():
     """Forward-mode AD and torch.func's grad transforms, which the op cannot
     follow, raise NotImplementedError (their tangents came out None or zero)."""
