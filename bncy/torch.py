@@ -470,10 +470,10 @@ def _empty_batch(input, weight, bias, residual, activation, fmt):
     and the running statistics left as they are."""
     shape = (1, -1) + (1,) * (input.dim() - 2)
     y = input.clone(memory_format=fmt)
-    if weight is not None:
-        y = y * weight.view(shape)
+    if weight is not None:   # (float32 parameters of 16-bit input: input's dtype)
+        y = y * weight.view(shape).to(input.dtype)
     if bias is not None:
-        y = y + bias.view(shape)
+        y = y + bias.view(shape).to(input.dtype)
     if residual is not None:
         y = y + residual
     if activation is not None:

@@ -181,6 +181,8 @@ def test_empty_batch_in_training_as_torch(shape):
         gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
         assert gx.shape == x.shape and torch.equal(gw, torch.zeros(3))
         assert torch.equal(gb, torch.zeros(3))
+        xh = torch.empty(shape, dtype=torch.bfloat16)   # 16-bit input, float32 parameters
+        assert fn(xh, *args[1:]).dtype == torch.bfloat16
     m, ref = bt.BatchNorm2d(3), nn.BatchNorm2d(3)
     if len(shape) == 4:
         for mod in (m, ref):
