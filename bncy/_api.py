@@ -418,19 +418,15 @@ def _ncs_shape(shape: tuple, axis: int) -> tuple:
 
 
 def _choose_layout(x: np.ndarray, out):
-    """The axis order every array of one call is processed in."""
-    if out is not None:
-        perm = _layout_perm(out)
-        if perm is False:
-            raise ValueError(
-                "bncy: out must be C-contiguous (or laid out exactly like the input)"
-            )
-        return perm
-    perm = _layout_perm(x)
+    """The axis order every array of one call is processed in (out, checked by
+    _check_out, has one)."""
+    perm = _layout_perm(x if out is None else out)
     return None if perm is False else perm
 
 
 def _check_out(out, like: np.ndarray, name: str = "out") -> None:
+    """An output array: an ndarray of like's shape and dtype, writeable; ``out``
+    also in an order the kernels can write (residual_out in any: written back)."""
     if type(out) is not np.ndarray:
         raise TypeError(f"bncy: {name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != like.shape:
@@ -439,6 +435,20 @@ def _check_out(out, like: np.ndarray, name: str = "out") -> None:
         raise TypeError(f"bncy: {name} has dtype {out.dtype}, expected {like.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"bncy: {name} is read-only")
+    if name == "out" and _layout_perm(out) is False:
+        raise ValueError("bncy: out must be C-contiguous (or laid out exactly like the input)")
+
+
+def _check_residual_out(residual_out, x: np.ndarray, out, residual) -> None:
+    """residual_out: None, or an output (_check_out) for a call with a residual,
+    not overlapping out."""
+    if residual_out is None:
+        return
+    if residual is None:
+        raise ValueError("bncy: residual_out needs a residual")
+    _check_out(residual_out, x, "residual_out")
+    if out is not None and np.may_share_memory(residual_out, out):
+        raise ValueError("bncy: residual_out and out overlap")
 
 
 def _unaliased(a: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -460,14 +470,20 @@ def _alloc_like(t: np.ndarray, out, perm) -> np.ndarray:
     return _buffers.empty(t.shape, t.dtype) if out is None else _in_order(out, perm)
 
 
+_DBL_MIN = 2.0**-1022   # the smallest normal double
+
+
 def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps):
     """Recompute, scaled by the channel's largest magnitude, the statistics of the
     channels whose float64 squares over- or underflowed (|x - mean| beyond about
-    1e154, or below about 1e-154 with eps == 0). Channels holding NaN or inf, and
+    1e154, or a variance below the smallest normal double, 2**-1022, with eps
+    too small to outweigh its lost bits): the channels _train_coefficients
+    counts. Channels holding NaN or inf, and
     constant channels, are left as they are (NaN/inf propagate; see the README)."""
     with np.errstate(all="ignore"):
         for c in range(x3.shape[1]):
-            if np.isfinite(mean[c]) and np.isfinite(m2[c]) and not (eps == 0 and m2[c] == 0):
+            if np.isfinite(mean[c]) and np.isfinite(m2[c]) and not (
+                    m2[c] < count * _DBL_MIN and eps <= _DBL_MIN * 2.0**53):
                 continue
             v = x3[:, c, :].astype(np.float64)
             if not np.isfinite(v).all():
@@ -524,10 +540,7 @@ def _layout(plan, x: np.ndarray, ax: int, out, dy=None, res=None, res_out=False,
     gradient (dres3, written back to res_out by _finish_dres when res_out is not
     in that order). output=False: a reduction only (phase 1 of the split API), no
     output allocated (y3 and result None)."""
-    if res_out is not None and res_out is not False:
-        _check_out(res_out, x, "residual_out")
-        if out is not None and np.may_share_memory(res_out, out):
-            raise ValueError("bncy: residual_out and out overlap")
+    if res_out is not None and res_out is not False:   # checked by _check_residual_out
         x = _unaliased(x, res_out)
         dy = None if dy is None else _unaliased(dy, res_out)
         res = None if res is None else _unaliased(res, res_out)
@@ -615,17 +628,17 @@ def _local_moments(p: _TrainPlan):
     return p.count, mean, m2
 
 
-def _apply_train(p: _TrainPlan, count: int, mean, m2, *, rescue: bool):
-    """Normalise with (count, mean, m2) and update the running statistics: the
-    kernels' apply job. With rescue, channels whose float64 squares over- or
-    underflowed are recomputed scaled first (_rescue_extreme_channels)."""
+def _apply_train(p: _TrainPlan, count: int, mean, m2):
+    """Normalise with (count, mean, m2) as given and update the running statistics
+    once: the kernels' apply job. A channel whose mean or M2 is not finite (NaN or
+    inf in some part, or float64 squares that overflowed) gets NaN/inf, the same
+    on every part: bncy.forward's rescue (_rescue_extreme_channels) needs the
+    whole batch's values, which a part does not hold."""
     C = p.C
     var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
-    if p.k.apply_train(_bits(p.x3), _bits(p.res3), p.relu, float(count), mean, m2, p.gamma,
-                       p.shift, p.eps, _bits(p.y3), var,
-                       invstd, scale, p.running_mean, p.running_var, p.momentum, rescue,
-                       p.nt):
-        _finish_rescued(p, count, mean, m2, var, invstd, scale)
+    p.k.apply_train(_bits(p.x3), _bits(p.res3), p.relu, float(count), mean, m2, p.gamma,
+                    p.shift, p.eps, _bits(p.y3), var, invstd, scale, p.running_mean,
+                    p.running_var, p.momentum, False, p.nt)
     return p.result, mean, invstd
 
 
@@ -674,8 +687,7 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
                                residual=residual, activation=activation)
     p.nt = _resolve_threads(n_threads, x.size)
     fused_res = p.relu and p.res3 is not None
-    if residual_out is not None and p.res3 is None:
-        raise ValueError("bncy: residual_out needs a residual")
+    _check_residual_out(residual_out, x, out, p.res3)
     if not p.relu:
         p.res3 = None    # the add's gradient is dy itself: no kernel reads it
     if residual_out is not None and np.may_share_memory(x, residual_out):
@@ -688,9 +700,6 @@ def _plan_grad(dy, x, mean, invstd, gamma, axis, out, n_threads, *,
         # is written; else a copy now when dx may overwrite dy.
         d = np.asarray(dy)
         if residual_out is not None:
-            _check_out(residual_out, d, "residual_out")
-            if out is not None and np.may_share_memory(residual_out, out):
-                raise ValueError("bncy: residual_out and out overlap")
             p.dres_result, p.dres_copy = residual_out, d
         else:
             p.dres_result = d.copy() if out is not None and np.may_share_memory(out, d) else d
@@ -1052,7 +1061,7 @@ def apply_stats(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
     if count < 2:
         raise ValueError(f"bncy: expected more than 1 value per channel when training, "
                          f"got {count} in the merged statistics")
-    return _apply_train(p, count, mean, m2, rescue=False)
+    return _apply_train(p, count, mean, m2)
 
 
 def grad_stats(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,

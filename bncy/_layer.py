@@ -115,6 +115,15 @@ class BatchNorm:
         return self.train(False)
 
     # -- passes --------------------------------------------------------------
+    def _fail_everywhere(self, exc: Exception, batch_stats: bool) -> None:
+        """A synchronized training pass: the other ranks wait in its exchange, so
+        this rank's error is raised on every rank through it (else the caller
+        raises it here alone)."""
+        if batch_stats and self.comm is not None:
+            from bncy import distributed
+
+            distributed._fail(self.comm, exc)
+
     def _check_input(self, x) -> np.ndarray:
         x = _api._check_x(x, allow_empty=self.comm is not None)
         ax = _api._check_axis(self.axis, x.ndim)
@@ -130,8 +139,12 @@ class BatchNorm:
         Returns y of x's shape and dtype. The layer keeps references to x and the
         residual (which the caller holds anyway), nothing of x's size besides.
         """
-        x = self._check_input(x)
-        residual = _api._check_residual(residual, x)
+        try:
+            x = self._check_input(x)
+            residual = _api._check_residual(residual, x)
+        except Exception as exc:
+            self._fail_everywhere(exc, self.training)
+            raise
         fused = {"residual": residual, "activation": self.activation}
         if self.training:
             if self.comm is None:
@@ -173,12 +186,17 @@ class BatchNorm:
         ValueError, TypeError
             If dy's shape or dtype differs from the input's.
         """
-        if self._saved is None:
-            raise RuntimeError("bncy: backward() needs a forward() first")
-        x, mean, invstd, batch_stats, residual = self._saved
-        dy = _api._check_x(dy, "dy", allow_empty=self.comm is not None)
-        if dy.shape != x.shape:
-            raise ValueError(f"bncy: dy has shape {dy.shape}, expected {x.shape}")
+        try:
+            if self._saved is None:
+                raise RuntimeError("bncy: backward() needs a forward() first")
+            x, mean, invstd, batch_stats, residual = self._saved
+            dy = _api._check_x(dy, "dy", allow_empty=self.comm is not None)
+            if dy.shape != x.shape:
+                raise ValueError(f"bncy: dy has shape {dy.shape}, expected {x.shape}")
+        except Exception as exc:
+            self._fail_everywhere(exc, self.training if self._saved is None
+                                  else self._saved[3])
+            raise
         fused = {"beta": self.beta, "residual": residual, "activation": self.activation}
         if batch_stats and self.comm is not None:
             from bncy import distributed

@@ -67,6 +67,14 @@ def _exchange(comm, local):
     return [msg[3] for msg in messages]
 
 
+def _fail(comm, exc: Exception):
+    """Raise a rank's local error on every rank through the exchange the other
+    ranks are waiting in (a check that ran before forward's or backward's)."""
+    def step():
+        raise exc
+    _exchange(comm, _guarded(step))
+
+
 def _guarded(step):
     """Run a local step; return ("ok", result) or the error, of any kind, as a
     message (so that no rank is left waiting in the collective)."""
@@ -135,6 +143,7 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                                          activation=activation)
         if out is not None:
             _api._check_out(out, x_)
+        _api._check_residual_out(residual_out, x_, out, residual)
         _api._resolve_threads(n_threads, 0)
         g = _api.grad_stats(dy_, x_, mean, axis=axis, n_threads=n_threads, invstd=invstd,
                             gamma=gamma, beta=beta, residual=residual,

@@ -971,7 +971,7 @@ def convert(model: nn.Module) -> nn.Module:
 # Synchronized batch norm over torch.distributed
 # ---------------------------------------------------------------------------
 
-_ERRORS = (None, TypeError, ValueError)   # kind 0 is "ok"
+_ERRORS = (None, TypeError, ValueError, RuntimeError)   # kind 0 is "ok"
 _HEAD = 4                                  # int64 header: kind, dtype, count, message length
 _MESSAGE_BYTES = 512
 
@@ -1009,8 +1009,10 @@ def _exchange(group, C: int, nrows: int, local):
         mine = _pack(0, local[1], local[2], local[3], nrows, C)
     else:
         exc = local[1]
-        mine = _pack(1 if isinstance(exc, TypeError) else 2, 0, 0, None, nrows, C,
-                     str(exc).removeprefix("bncy.torch: ").removeprefix("bncy: "))
+        text = str(exc).removeprefix("bncy.torch: ").removeprefix("bncy: ")
+        kind = 1 if isinstance(exc, TypeError) else 2 if isinstance(exc, ValueError) else 3
+        mine = _pack(kind, 0, 0, None, nrows, C,
+                     text if kind < 3 else f"{type(exc).__name__}: {text}")
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     parts = [_unpack(t, nrows, C) for t in gathered]
@@ -1025,11 +1027,12 @@ def _exchange(group, C: int, nrows: int, local):
 
 
 def _guarded(step):
-    """("ok", *step()) or ("error", exc) for a TypeError/ValueError of a local step,
-    so that the error travels in the exchange instead of leaving this rank alone."""
+    """("ok", *step()) or ("error", exc) for an error of any kind in a local step,
+    so that it travels in the exchange instead of leaving this rank alone (other
+    kinds than TypeError and ValueError come back as RuntimeError naming them)."""
     try:
         return ("ok", *step())
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every error goes to every rank
         return ("error", exc)
 
 

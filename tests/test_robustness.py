@@ -106,6 +106,8 @@ def test_repeated_calls_including_failing_ones_keep_memory_flat(rng):
     (np.float64, 500),      # ~1e150
     (np.float64, 664),      # ~1e200: squares overflow float64 (the rescue path)
     (np.float64, 1020),     # ~1e307: x - mean nearly overflows too
+    (np.float64, -530),     # ~1e-160: squares subnormal, M2 > 0 (eps = 0: rescued)
+    (np.float64, -538),     # ~1e-162: M2 a few subnormals, M2 / n underflows to 0
     (np.float64, -997),     # ~1e-300: squares underflow
     (np.float64, -1000),    # ~1e-301, the variance is far below the smallest double
 ])

@@ -95,3 +95,23 @@ def test_phase_one_allocates_no_output():
     bncy.apply_stats(x, st)   # the counter does count an output
     info = bncy.buffer_cache_info()
     assert info["hits"] + info["misses"] == before + 1
+
+
+def test_apply_stats_with_a_non_finite_channel():
+    """A NaN in one part: apply_stats gives NaN in that channel on every part, the
+    other channels and the running statistics (updated once) as bncy.forward,
+    and an empty part does not fail (it recomputed the channel from its own
+    rows, and updated the running statistics twice)."""
+    x = np.random.default_rng(12).standard_normal((10, 3))
+    x[7, 2] = np.nan
+    rm1, rv1 = np.zeros(3), np.ones(3)
+    y1 = bncy.forward(x, running_mean=rm1, running_var=rv1)[0]
+    parts = [x[:4], x[4:], x[:0]]
+    st = bncy.merge_stats([bncy.batch_stats(p) for p in parts])
+    rm, rv = np.zeros(3), np.ones(3)
+    y = [bncy.apply_stats(parts[0], st, running_mean=rm, running_var=rv)[0]]
+    y += [bncy.apply_stats(p, st)[0] for p in parts[1:]]
+    assert_allclose(rm, rm1, rtol=1e-13)
+    assert_allclose(rv, rv1, rtol=1e-13)
+    assert_allclose(np.concatenate(y), y1, rtol=1e-12, atol=1e-12)   # NaN where y1 is
+    assert np.all(np.isnan(y1[:, 2]))

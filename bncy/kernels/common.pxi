@@ -119,6 +119,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.float cimport DBL_MIN
 from libc.stdlib cimport malloc, free
 
 from bncy._openmp cimport BNCY_OPENMP_ENABLED, omp_get_max_threads

@@ -23,8 +23,10 @@ cdef int _train_coefficients(const double* mean, const double* m2, Py_ssize_t C,
     # Per channel: var, invstd, gamma * invstd, in loops without branches (gcc
     # vectorises them; a vector lane computes what a scalar one did). Counts the
     # channels that need bncy._api's scaled recomputation: a non-finite mean or
-    # M2 (float64 data whose squares overflow, or NaN/inf in the channel), or
-    # M2 == 0 with eps == 0 (a constant channel, or squares that underflowed).
+    # M2 (float64 data whose squares overflow, or NaN/inf in the channel), or a
+    # variance below DBL_MIN (squares that underflowed to subnormals or 0, or a
+    # constant channel) with eps <= DBL_MIN * 2**53, too small to outweigh the
+    # bits it lost (_rescue_extreme_channels selects the same channels).
     cdef Py_ssize_t c
     cdef int suspicious = 0
     for c in range(C):
@@ -38,7 +40,7 @@ cdef int _train_coefficients(const double* mean, const double* m2, Py_ssize_t C,
             scale_out[c] = invstd_out[c]
     for c in range(C):
         if (not (m2[c] - m2[c] == 0.0) or not (mean[c] - mean[c] == 0.0)
-                or (eps == 0.0 and m2[c] == 0.0)):
+                or (m2[c] < count * DBL_MIN and eps <= DBL_MIN * 9007199254740992.0)):
             suspicious += 1
     return suspicious
 

@@ -130,6 +130,62 @@ def test_any_error_on_one_rank_raises_on_every_rank(kind, monkeypatch):
     comm.Barrier()
 
 
+def test_layer_bad_input_on_one_rank_raises_on_every_rank():
+    """The layer's own checks (channels, residual, dy) run before the exchange;
+    an error there reaches every rank through it, no hang."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    bad = rank == size - 1
+    sync = dist.SyncBatchNorm(3, comm=comm, dtype=np.float64)
+    x = np.random.default_rng(rank).standard_normal((6, 3))
+    with pytest.raises(ValueError, match=f"rank {size - 1}: expected 3 channels"):
+        sync(np.ones((6, 4)) if bad else x)
+    with pytest.raises(ValueError, match=f"rank {size - 1}: residual"):
+        sync(x, residual=np.ones((6, 2)) if bad else None)
+    sync(x)
+    with pytest.raises(ValueError, match=f"rank {size - 1}: dy"):
+        sync.backward(np.ones((5, 3)) if bad else np.ones((6, 3)))
+    comm.Barrier()
+
+
+def test_output_checks_before_the_exchange():
+    """out's layout and residual_out are checked before the exchange: an error
+    there raises on every rank, and no rank writes anything."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    bad = rank == size - 1
+    x = np.random.default_rng(rank).standard_normal((6, 3))
+    rm = np.zeros(3)
+    out = np.empty((6, 6))[:, ::2] if bad else np.empty_like(x)   # not dense
+    with pytest.raises(ValueError, match=f"rank {size - 1}: out must be C-contiguous"):
+        dist.forward(x, comm=comm, out=out, running_mean=rm, running_var=np.ones(3))
+    assert np.all(rm == 0)
+    ro = np.empty((6, 2)) if bad else np.empty_like(x)
+    with pytest.raises(ValueError, match=f"rank {size - 1}: residual_out"):
+        dist.backward(x, x, np.zeros(3), np.ones(3), comm=comm, residual=x, residual_out=ro)
+    comm.Barrier()
+
+
+def test_nan_on_one_rank_gives_nan_in_that_channel_on_every_rank():
+    """A channel whose merged statistics are not finite is NaN on every rank, as
+    in one process; the other channels and the running statistics (updated once)
+    are the single-process ones."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((9, 3))
+    x[8, 1] = np.nan
+    rm, rv = np.zeros(3), np.ones(3)
+    rm1, rv1 = np.zeros(3), np.ones(3)
+    y1, m1, s1 = bncy.forward(x, running_mean=rm1, running_var=rv1)
+    sl = rows(9)
+    y, m, s = dist.forward(x[sl], comm=comm, running_mean=rm, running_var=rv)
+    assert np.all(np.isnan(y[:, 1]))
+    assert_allclose(y[:, [0, 2]], y1[sl][:, [0, 2]], rtol=1e-12, atol=1e-12)
+    assert_allclose(rm, rm1, rtol=1e-12)
+    assert_allclose(rv, rv1, rtol=1e-12)
+    same_on_every_rank(m)
+    same_on_every_rank(rm)
+
+
 def test_sync_batchnorm_is_a_batchnorm_class():
     sync = dist.SyncBatchNorm(3, comm=comm)
     assert isinstance(sync, dist.SyncBatchNorm) and isinstance(sync, bncy.BatchNorm)
