@@ -498,7 +498,11 @@ def _rescue_extreme_channels(x3, mean, m2, var, invstd, scale, gamma, count, eps
             mean[c] = mu
             var[c] = s * s * q                 # may be inf: the float64 truth
             m2[c] = var[c] * count
-            invstd[c] = (1.0 / s) / np.sqrt(q + (eps / s) / s)
+            e = (eps / s) / s
+            if np.isfinite(e) and np.isfinite(1.0 / s):
+                invstd[c] = (1.0 / s) / np.sqrt(q + e)
+            else:   # eps outweighs the variance: unscaled (var's lost bits do not count)
+                invstd[c] = 1.0 / np.sqrt(var[c] + eps)
             scale[c] = invstd[c] * (1.0 if gamma is None else gamma[c])
 
 

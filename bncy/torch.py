@@ -228,7 +228,8 @@ _transforms_active = torch._C._are_functorch_transforms_active
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _tracing = torch._C._get_tracing_state   # torch.jit.trace
 _fwd_ad = torch.autograd.forward_ad      # its _current_level is -1 outside dual_level()
-_fx_tracing = torch.fx._symbolic_trace.is_fx_tracing
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                      torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def _refuse_transforms(tensors) -> None:
@@ -445,8 +446,8 @@ def _backward(dy, xn, wn, mean, invstd, training, fmt, gdt, bn=None, rn=None, ac
     already masked by the caller for an activation. The residual's gradient is dy
     (masked with an activation). dweight and dbias come in dtype gdt."""
     dyn, nt = _np(_canonical(dy, fmt)), torch.get_num_threads()
-    if xn.size == 0:   # an empty batch
-        dres = dy if res else None
+    if xn.size == 0:   # an empty batch (a copy: the custom op may not return grad_out)
+        dres = None if not res else dy if act is None else dy.clone()
         return torch.empty_like(dy, memory_format=fmt), torch.zeros(xn.shape[1], dtype=gdt), \
             torch.zeros(xn.shape[1], dtype=gdt), dres
     if training:
@@ -800,7 +801,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
                         residual, activation)
     if fmt is None:
         if not _compiling():
-            _refuse_transforms((input, weight, bias, residual))
+            _refuse_transforms((input, weight, bias, residual, running_mean, running_var))
         if not _eager(input):
             return _batch_norm_ops(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, residual, activation)
@@ -1075,20 +1076,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         _written(running_mean, running_var)
         ctx.count, ctx.group, ctx.C = total.count, group, C
         ctx.gdt = _grad_dtype(input, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.inputs = (input, weight, bias)
+        ctx.save_for_backward(input, weight)   # x again in the backward
         return _tensor(y, ctx.fmt)
 
     @staticmethod
     def backward(ctx, dy):
         if _grad_enabled():   # create_graph=True
-            return _FirstDerivatives.apply(_sync_backward, ctx, dy, *ctx.inputs)
+            return _FirstDerivatives.apply(_sync_backward, ctx, dy, *ctx.saved_tensors)
         return _sync_backward(ctx, dy)
 
 
 def _sync_backward(ctx, dy):
     """_SyncBatchNormFunction's backward: dx from the sums of every rank."""
-    x, weight = ctx.saved_tensors
+    input, weight = ctx.saved_tensors
+    x = _canonical(input, ctx.fmt)
     nt = torch.get_num_threads()
     dyn, xn = _np(_canonical(dy, ctx.fmt)), _np(x)
 

@@ -137,6 +137,17 @@ def test_extreme_magnitudes_give_finite_correct_results(dtype, log2_scale, shape
     assert_allclose(dg, dgr, rtol=tol * 10, atol=tol * 10 * x.size)
 
 
+@pytest.mark.parametrize("log2_sigma,eps", [(-1013, 1e-300), (-1027, 1e-295), (-1062, 5e-324)])
+def test_tiny_variance_with_a_larger_eps(log2_sigma, eps):
+    """A variance below the smallest normal double takes the scaled recomputation;
+    where eps outweighs it, invstd is 1 / sqrt(eps) (the scaled form's eps / s**2
+    overflowed there: invstd 0 or y NaN)."""
+    x = np.ldexp(np.array([[-3.0], [-1.0], [1.0], [3.0]]), log2_sigma)
+    y, m, s = bncy.forward(x, eps=eps)
+    var = np.var(x)
+    assert np.all(np.isfinite(y)) and s[0] == 1.0 / np.sqrt(var + eps)
+
+
 def test_documented_limits():
     # float64 channel with a subnormal standard deviation: invstd (~1e310) is no double
     x = np.ldexp(np.array([[1.0], [-1.0], [3.0], [-3.0]]), -1030)

@@ -183,6 +183,11 @@ def test_empty_batch_in_training_as_torch(shape):
         assert torch.equal(gb, torch.zeros(3))
         xh = torch.empty(shape, dtype=torch.bfloat16)   # 16-bit input, float32 parameters
         assert fn(xh, *args[1:]).dtype == torch.bfloat16
+        r = torch.empty(shape).requires_grad_()          # a residual through ReLU
+        fused = (x, rm, rv, w, b, True, 0.1, 1e-5) + ((r, "relu") if via == "ops" else ())
+        y = fn(*fused, **({} if via == "ops" else {"residual": r, "activation": "relu"}))
+        gx, gr = torch.autograd.grad(y.sum(), (x, r))
+        assert gx.shape == gr.shape == x.shape
     m, ref = bt.BatchNorm2d(3), nn.BatchNorm2d(3)
     if len(shape) == 4:
         for mod in (m, ref):
