@@ -96,8 +96,9 @@
 # 16-bit statistics take float32's schedule and code: they equal float32's on the
 # widened values, bit for bit. Their elementwise passes go PIECE16 values at a
 # time through stack buffers (_affine_run16, _gi_run16): loads widened by
-# _widen, float64 values rounded once by _narrow (F16C where the build has it,
-# the same bits as the portable arithmetic); their planes statistics widen each
+# _widen, float64 values rounded once by _narrow (8 at a time in registers with
+# AVX2 and F16C, the same bits as the portable arithmetic, NaN payloads
+# included); their planes statistics widen each
 # segment first. gcc vectorised the per-value conversions (_ld, _st) poorly when
 # inlined into the arithmetic loops (docs/tuning.md).
 #
@@ -145,7 +146,7 @@ cdef enum:
     MIN_TILE = 256       # ... and at least (see _red_tile, _row_tile)
     CHUNK = 8            # columns per coefficient chunk of a wide-row elementwise pass
     PIECE = 64           # columns (values) per prefetch hint step
-    PIECE16 = 256        # values per staged piece of a 16-bit elementwise pass
+    PIECE16 = 64         # values per staged piece of a 16-bit elementwise pass
     PAD = 24             # doubles between expanded coefficient vectors: vectors
                          # 4 KiB apart alias in L1
 
@@ -315,8 +316,9 @@ cdef extern from *:
         s = bncy_f32_bits(bncy_bits_f32(u) + 0.5f) - 0x3f000000u;
         m = 0u - (uint32_t) (u < 0x38800000u);
         o = (s & m) | (n & ~m);
-        /* 2**16 and above: inf, or a quiet NaN for NaN */
-        big = 0x7c00u | ((uint32_t) (u > 0x7f800000u) << 9);
+        /* 2**16 and above: inf; NaN quiet, with the top 10 bits of its
+           payload (F16C's and NumPy's NaN, so that every build agrees) */
+        big = 0x7c00u | ((0u - (uint32_t) (u > 0x7f800000u)) & (0x200u | ((u >> 13) & 0x3ffu)));
         m = 0u - (uint32_t) (u >= 0x47800000u);
         o = (big & m) | (o & ~m);
         return (uint16_t) (o | (sign >> 16));
@@ -350,66 +352,50 @@ cdef extern from *:
         for (i = 0; i < n; i++)
             f[i] = bncy_bits_f32((uint32_t) (uint16_t) h[i] << 16);
     }
-    static inline void bncy_odd_pass(const double* d, float* f, Py_ssize_t n, int drop) {
-        /* bncy_odd_f32 over a buffer, a loop of its own so that gcc vectorises it */
-        Py_ssize_t i;
-        uint64_t u, m = ((uint64_t) 1 << drop) - 1;
-        double t;
-        for (i = 0; i < n; i++) {
-            memcpy(&u, d + i, 8);
-            u = (u | ((u & m) + m)) & ~m;
-            memcpy(&t, &u, 8);
-            f[i] = (float) t;
-        }
+    #if defined(__AVX2__)
+    /* bncy_odd_f32 of d[0:8] as 8 float32 values, in registers: the same
+       integer steps on the float64 bits, then the (exact) conversion */
+    static inline __m256 bncy_odd8(const double* d, int drop) {
+        const __m256i m = _mm256_set1_epi64x((long long) (((uint64_t) 1 << drop) - 1));
+        __m256i a = _mm256_castpd_si256(_mm256_loadu_pd(d));
+        __m256i b = _mm256_castpd_si256(_mm256_loadu_pd(d + 4));
+        a = _mm256_andnot_si256(m, _mm256_or_si256(a, _mm256_add_epi64(_mm256_and_si256(a, m), m)));
+        b = _mm256_andnot_si256(m, _mm256_or_si256(b, _mm256_add_epi64(_mm256_and_si256(b, m), m)));
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(_mm256_castsi256_pd(a))),
+                                    _mm256_cvtpd_ps(_mm256_castsi256_pd(b)), 1);
     }
-    static inline void bncy_narrow_f16(const double* d, uint16_t* h, Py_ssize_t n) {
-        float f[64];
-        Py_ssize_t i0, i, k;
-        for (i0 = 0; i0 < n; i0 += 64) {
-            k = n - i0 < 64 ? n - i0 : 64;
-            bncy_odd_pass(d + i0, f, k, 40);
-            i = 0;
-    #if defined(__F16C__)
-            for (; i + 8 <= k; i += 8)
-                _mm_storeu_si128((__m128i*) (h + i0 + i),
-                                 _mm256_cvtps_ph(_mm256_loadu_ps(f + i), 0));
     #endif
-            for (; i < k; i++)
-                h[i0 + i] = bncy_f16_store((double) f[i]);  /* f is odd-rounded: exact */
-        }
+    /* d[0:n] rounded once to float16 (bfloat16): 8 values at a time in
+       registers where the build has AVX2 (odd rounding, then F16C, or the
+       integer rounding of bncy_bf16_store), the rest one by one. */
+    static inline void bncy_narrow_f16(const double* d, uint16_t* h, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__AVX2__) && defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*) (h + i), _mm256_cvtps_ph(bncy_odd8(d + i, 40), 0));
+    #endif
+        for (; i < n; i++)
+            h[i] = bncy_f16_store(d[i]);
     }
     static inline void bncy_narrow_bf16(const double* d, int16_t* h, Py_ssize_t n) {
-        float f[64];
-        Py_ssize_t i0, i, k;
-        uint32_t u, r, q, m;
-        for (i0 = 0; i0 < n; i0 += 64) {
-          k = n - i0 < 64 ? n - i0 : 64;
-          bncy_odd_pass(d + i0, f, k, 43);
-          i = 0;
+        Py_ssize_t i = 0;
     #if defined(__AVX2__)
-          /* the loop below, 8 at a time (gcc's own vectorisation of it was slow) */
-          for (; i + 8 <= k; i += 8) {
-              __m256i v = _mm256_castps_si256(_mm256_loadu_ps(f + i));
-              __m256i top = _mm256_srli_epi32(v, 16);
-              __m256i rv = _mm256_srli_epi32(_mm256_add_epi32(
-                  _mm256_add_epi32(v, _mm256_set1_epi32(0x7fff)),
-                  _mm256_and_si256(top, _mm256_set1_epi32(1))), 16);
-              __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)),
-                                               _mm256_set1_epi32(0x7f800000));
-              rv = _mm256_blendv_epi8(rv, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
-              _mm_storeu_si128((__m128i*) (h + i0 + i),
-                               _mm_packus_epi32(_mm256_castsi256_si128(rv),
-                                                _mm256_extracti128_si256(rv, 1)));
-          }
-    #endif
-          for (; i < k; i++) {
-            u = bncy_f32_bits(f[i]);
-            r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            q = (u >> 16) | 0x40u;
-            m = 0u - (uint32_t) ((u & 0x7fffffffu) > 0x7f800000u);
-            h[i0 + i] = (int16_t) (uint16_t) ((q & m) | (r & ~m));
-          }
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_castps_si256(bncy_odd8(d + i, 43));
+            __m256i top = _mm256_srli_epi32(v, 16);
+            __m256i rv = _mm256_srli_epi32(_mm256_add_epi32(
+                _mm256_add_epi32(v, _mm256_set1_epi32(0x7fff)),
+                _mm256_and_si256(top, _mm256_set1_epi32(1))), 16);
+            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+            rv = _mm256_blendv_epi8(rv, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+            _mm_storeu_si128((__m128i*) (h + i),
+                             _mm_packus_epi32(_mm256_castsi256_si128(rv),
+                                              _mm256_extracti128_si256(rv, 1)));
         }
+    #endif
+        for (; i < n; i++)
+            h[i] = bncy_bf16_store(d[i]);
     }
     """
     double bncy_f16_load(unsigned short h) noexcept nogil
