@@ -625,11 +625,11 @@ def _plan_train(x, gamma, beta, eps, axis, running_mean, running_var, momentum, 
 
 
 def _local_moments(p: _TrainPlan):
-    """(count, mean, m2) of the plan's x: the moments kernel."""
-    mean, m2 = np.zeros(p.C), np.zeros(p.C)
+    """(count, mean, m2, mean_lo) of the plan's x: the moments kernel."""
+    mean, m2, lo = np.zeros(p.C), np.zeros(p.C), np.zeros(p.C)
     if p.x3.size:
-        p.k.moments(_bits(p.x3), mean, m2, p.nt)
-    return p.count, mean, m2
+        p.k.moments(_bits(p.x3), mean, m2, p.nt, lo)
+    return p.count, mean, m2, lo
 
 
 def _apply_train(p: _TrainPlan, count: int, mean, m2):
@@ -987,11 +987,16 @@ def _backward_eval(dy, x, mean, invstd, gamma, axis, n_threads, **fused):
 
 class BatchStats(NamedTuple):
     """Per-channel statistics of (part of) a batch: the count of values per channel,
-    their mean and their sum of squared deviations about it (M2), float64."""
+    their mean and their sum of squared deviations about it (M2), float64, and
+    optionally ``mean_lo``, what rounding the mean to float64 dropped (``mean +
+    mean_lo`` is nearer the exact mean; None counts as 0). :func:`merge_stats`
+    uses it: parts' means rounded at the data's magnitude would otherwise bring
+    an error relative to that magnitude into the merged M2."""
 
     count: int
     mean: NDArray[np.float64]
     m2: NDArray[np.float64]
+    mean_lo: NDArray[np.float64] | None = None
 
 
 class GradStats(NamedTuple):
@@ -1017,30 +1022,42 @@ def batch_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = None) ->
 def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
     """Phase 2: the statistics of the union of the parts (Chan et al.'s formula,
     exact for unequal counts, float64), merged in the order given, so the result is
-    the same wherever the same sequence is merged. Parts with count 0 are skipped."""
+    the same wherever the same sequence is merged. Parts with count 0 are skipped;
+    one part comes back as it is.
+
+    The means are merged relative to the first part's (each part's as ``(mean -
+    first mean) + mean_lo``, exact differences for data far from zero), so that
+    rounding errors are relative to the data's spread, not its magnitude."""
     parts = list(parts)
     if not parts:
         raise ValueError("bncy: merge_stats needs at least one part")
     C = np.shape(parts[0].mean)[0]
-    n = 0
-    mean, m2 = np.zeros(C), np.zeros(C)
+    n, merged = 0, []
+    ref, rel, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
     for part in parts:
         nb = int(part.count)
-        if nb < 0 or np.shape(part.mean) != (C,) or np.shape(part.m2) != (C,):
+        lo = getattr(part, "mean_lo", None)
+        if (nb < 0 or np.shape(part.mean) != (C,) or np.shape(part.m2) != (C,)
+                or (lo is not None and np.shape(lo) != (C,))):
             raise ValueError("bncy: parts must share one channel count and have count >= 0")
         if nb == 0:
             continue
         mb = np.asarray(part.mean, dtype=np.float64)
         qb = np.asarray(part.m2, dtype=np.float64)
+        lob = np.zeros(C) if lo is None else np.asarray(lo, dtype=np.float64)
+        merged.append((mb, qb, lob))
         if n == 0:
-            mean, m2 = mb.copy(), qb.copy()
+            ref, rel, m2 = mb.copy(), lob.copy(), qb.copy()
         else:
             tot = n + nb
-            delta = mb - mean
-            mean = mean + delta * (nb / tot)
+            delta = ((mb - ref) + lob) - rel
+            rel = rel + delta * (nb / tot)
             m2 = m2 + qb + delta * delta * (n * (nb / tot))
         n += nb
-    return BatchStats(n, mean, m2)
+    if len(merged) == 1:
+        return BatchStats(n, *(a.copy() for a in merged[0]))
+    mean = ref + rel
+    return BatchStats(n, mean, m2, rel - (mean - ref))
 
 
 def apply_stats(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,

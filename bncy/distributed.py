@@ -4,8 +4,9 @@ Each process holds a slice of the batch; the statistics are those of the whole
 batch. The work is bncy's split-phase API with one collective per phase:
 
 * forward: :func:`bncy.batch_stats` on the local slice, an ``allgather`` of every
-  rank's (count, mean, M2), :func:`bncy.merge_stats` in rank order (Chan's formula,
-  exact for unequal counts), :func:`bncy.apply_stats` on the local slice;
+  rank's (count, mean, M2, the mean's low part), :func:`bncy.merge_stats` in rank
+  order (Chan's formula, exact for unequal counts, on the means relative to the
+  first rank's), :func:`bncy.apply_stats` on the local slice;
 * backward: :func:`bncy.grad_stats` on the local slice, an ``allgather`` of every
   rank's sums, :func:`bncy.merge_grad_stats` in rank order,
   :func:`bncy.apply_grad` on the local slice.

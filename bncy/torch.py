@@ -1041,7 +1041,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with the statistics of every rank of a group.
 
     Forward: bncy.batch_stats of the local part, one all_gather of every rank's
-    (count, mean, M2) or error, bncy.merge_stats in rank order, bncy.apply_stats.
+    (count, mean, M2, the mean's low part) or error, bncy.merge_stats in rank
+    order, bncy.apply_stats.
     Backward: bncy.grad_stats, one all_gather of the two sums, bncy.merge_grad_stats
     in rank order, bncy.apply_grad. dweight and dbias are this rank's part (sums
     over its rows, about the whole batch's statistics), as torch's SyncBatchNorm
@@ -1060,9 +1061,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         status = _guarded(local)
         if status[0] == "ok":
             _, x, ctx.fmt, part = status
-            status = ("ok", _DTYPES.index(x.dtype), part.count, (part.mean, part.m2))
-        parts = _exchange(group, C, 2, status)
-        total = bncy.merge_stats([bncy.BatchStats(n, rows[0], rows[1]) for n, rows in parts])
+            status = ("ok", _DTYPES.index(x.dtype), part.count,
+                      (part.mean, part.m2, part.mean_lo))
+        parts = _exchange(group, C, 3, status)
+        total = bncy.merge_stats([bncy.BatchStats(n, *rows) for n, rows in parts])
         if total.count < 2:
             raise ValueError("bncy.torch.SyncBatchNorm: expected more than 1 value per "
                              f"channel when training, got {total.count} over all ranks")

@@ -1,5 +1,10 @@
 """The numerical guarantees: bitwise reproducibility across thread counts, float64
-statistics on float32 data, channel isolation of NaN and inf."""
+statistics on float32 data, float64 statistics of data far from zero, channel
+isolation of NaN and inf."""
+
+import contextlib
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -81,6 +86,125 @@ def test_float32_offset_data_nchw_and_rows(layout, rng):
     assert np.max(np.abs(dx - tdx)) < 1e-5
     assert_allclose(dg, tdg, rtol=1e-6, atol=1e-6)   # float32 outputs, rounded once
     assert_allclose(db, tdb, rtol=1e-6, atol=1e-6)
+
+
+# (shape, axis, layout, schedule of the statistics, variant): every statistics path
+# of float64 data (the layout "nhwc-view" is an NCHW view of NHWC memory).
+OFFSET_CASES = [
+    ((4096, 64), 1, "c", "rows", "plain"),          # 16 row blocks merged
+    ((12801, 64), 1, "c", "rows", "prefetch"),      # _rows_moments_ahead (knob lowered)
+    ((1024, 8, 5), 1, "c", "rows", "plain"),        # S = 5 columns merged per channel
+    ((64, 8, 7, 7), 1, "c", "rows", "plain"),       # runs of 49 on rows
+    ((4100, 4), 1, "c", "rows narrow", None),       # R rows at a time, 4 left over
+    ((16, 32, 32, 8), -1, "c", "rows narrow", None),  # channels-last
+    ((16, 8, 32, 32), 1, "c", "planes", None),      # one segment a plane
+    ((4, 3, 90, 100), 1, "c", "planes", None),      # 3 segments a plane
+    ((16, 8, 32, 32), 1, "nhwc-view", "rows narrow", None),
+    ((8, 32, 8, 8), 1, "nhwc-view", "rows", "plain"),
+    ((300, 4), 1, "c", "rows narrow", None),        # small calls (the fast path)
+    ((16, 4), 1, "c", "rows", "plain"),
+]
+OFFSETS = [(1e8, 1.0), (1e12, 1.0), (1e15, 0.5)]    # (offset, sigma): at 1e15 the
+                                                    # values are multiples of 1/8
+
+
+def _offset_data(shape, layout, offset, sigma, rng):
+    x = offset + sigma * rng.standard_normal(shape)
+    if layout == "nhwc-view":
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return x
+
+
+def _exact_moments(v):
+    """(mean, variance) of the float64 values v to within a few ulps: two passes
+    with exactly rounded sums (math.fsum), the deviations from the first pass's
+    mean exact for data far from zero, the second pass's mean correcting it."""
+    n = v.size
+    m0 = math.fsum(v) / n
+    d = v - m0
+    s1 = math.fsum(d)
+    return m0 + s1 / n, (math.fsum(d * d) - s1 * (s1 / n)) / n
+
+
+@contextlib.contextmanager
+def _moments_variant(variant):
+    """variant "prefetch": the rows moments through their prefetching twin for any
+    array size."""
+    previous = bncy.set_knobs(mom_min_bytes=0) if variant == "prefetch" else {}
+    try:
+        yield
+    finally:
+        bncy.set_knobs(**previous)
+
+
+def test_exact_moments_helper_agrees_with_fractions(rng):
+    v = 1e15 + 0.5 * rng.standard_normal(500)
+    q = [Fraction(a) for a in v]
+    mean = sum(q) / len(q)
+    var = sum((a - mean) ** 2 for a in q) / len(q)
+    m, s = _exact_moments(v)
+    assert m == float(mean)
+    assert abs(s - float(var)) <= 1e-15 * float(var)
+
+
+@pytest.mark.parametrize("offset,sigma", OFFSETS)
+@pytest.mark.parametrize("shape,axis,layout,schedule,variant", OFFSET_CASES)
+def test_float64_statistics_of_offset_data(shape, axis, layout, schedule, variant, offset,
+                                           sigma, rng):
+    """Every partial mean is relative to the channel's first value, so the statistics
+    of 1e15 + 0.5 * N(0, 1) are as accurate as those of N(0, 1) (rounding the
+    partial means themselves gave errors relative to the offset: 1e-9 at 1e8, 1%
+    at 1e15)."""
+    x = _offset_data(shape, layout, offset, sigma, rng)
+    ax = axis % len(shape)
+    C = shape[ax]
+    truth = [_exact_moments(np.take(x, c, axis=ax).ravel()) for c in range(C)]
+    tm = np.array([t[0] for t in truth])
+    tv = np.array([t[1] for t in truth])
+    with _moments_variant(variant):
+        jobs = bncy.describe(shape if layout == "c" else x.transpose(0, 2, 3, 1).shape,
+                             np.float64, axis=ax if layout == "c" else -1)["jobs"]
+        assert jobs["statistics"]["schedule"] == schedule
+        if variant is not None:
+            assert jobs["statistics"]["variant"] == variant
+        _, mean, invstd = bncy.forward(x, axis=axis, eps=0.0)
+        st = bncy.batch_stats(x, axis=axis)
+    for m, v in ((mean, 1.0 / invstd**2), (st.mean, st.m2 / st.count)):
+        assert np.all(np.abs(m - tm) <= np.spacing(tm))
+        assert_allclose(v, tv, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("offset,sigma", OFFSETS)
+def test_merged_statistics_of_offset_data(offset, sigma, rng):
+    """merge_stats takes each part's mean relative to the first part's, with the
+    part's mean_lo: as accurate as one batch_stats of the whole."""
+    x = offset + sigma * rng.standard_normal((3000, 16))
+    truth = [_exact_moments(x[:, c]) for c in range(16)]
+    tm = np.array([t[0] for t in truth])
+    tv = np.array([t[1] for t in truth])
+    cuts = [0, 700, 701, 701, 2000, 3000]     # unequal parts, one empty
+    st = bncy.merge_stats([bncy.batch_stats(x[a:b]) for a, b in zip(cuts, cuts[1:])])
+    assert st.count == 3000
+    assert np.all(np.abs(st.mean - tm) <= np.spacing(tm))
+    assert_allclose(st.m2 / st.count, tv, rtol=1e-13, atol=0)
+    for c in range(16):     # mean + mean_lo: the exact mean to within the data's spread
+        exact = sum(map(Fraction, x[:, c])) / 3000
+        assert abs(Fraction(st.mean[c]) + Fraction(st.mean_lo[c]) - exact) < 1e-13 * sigma
+    # parts without mean_lo (3 fields) still merge, as before
+    old = bncy.merge_stats([bncy.BatchStats(*bncy.batch_stats(x[a:b])[:3])
+                            for a, b in zip(cuts, cuts[1:])])
+    assert np.all(np.abs(old.mean - tm) <= 4 * np.spacing(tm))
+
+
+@pytest.mark.parametrize("shape,axis,layout,schedule,variant", OFFSET_CASES)
+def test_offset_statistics_bitwise_identical_for_every_thread_count(
+        shape, axis, layout, schedule, variant, rng, force_threads):
+    x = _offset_data(shape, layout, 1e12, 1.0, rng)
+    with _moments_variant(variant):
+        results = [bncy.forward(x, axis=axis, n_threads=nt) for nt in (1, 2, 3, 4)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

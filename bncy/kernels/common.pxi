@@ -88,7 +88,11 @@
 # in pieces of RUN_PIECE values shifted by their first value (_run_moments);
 # float64 segments (in L1) are two-pass: segment mean, then squared deviations
 # about it. Blocks are merged with Chan's
-# formula, which is exact for unequal counts. The elementwise passes compute
+# formula, which is exact for unequal counts. Every partial mean is relative to
+# its channel's shift, the channel's first value x[0, c, 0] (_moments): Chan's
+# merge carries a partial mean's rounding error into M2, and so it is relative
+# to the data's spread, not its magnitude (a mean of 1e8 + N(0, 1) rounded to
+# float64 is off by up to 7e-9). The elementwise passes compute
 # (x - center) in float64 and round once when storing.
 #
 # Storage. x, dy, y and dx are float32, float64, float16 or bfloat16 (the last two

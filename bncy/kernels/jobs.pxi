@@ -118,7 +118,7 @@ cdef int _forward_core(const stored* x, const stored* res, bint relu, Py_ssize_t
                        double* invstd_out, double* scale_out, Running rm, Running rv,
                        double momentum, int n_threads, int* suspicious) noexcept nogil:
     # _moments, then _apply_core with rescue.
-    cdef int rc = _moments(x, N, C, S, mean_out, m2_out, n_threads)
+    cdef int rc = _moments(x, N, C, S, mean_out, m2_out, NULL, n_threads)
     suspicious[0] = 0
     if rc != 0:
         return rc

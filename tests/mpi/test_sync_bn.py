@@ -69,6 +69,25 @@ def test_matches_the_single_process_result(shape, axis, dtype):
         same_on_every_rank(a)
 
 
+def test_offset_data_keeps_float64_accuracy():
+    """Each rank's mean travels with its low part (BatchStats.mean_lo), and the
+    merge takes the means relative to the first rank's: 1e12 + N(0, 1) loses
+    nothing to the means' rounding at 1e12."""
+    import math
+
+    x = 1e12 + np.random.default_rng(11).standard_normal((600, 8))
+    _, m, s = dist.forward(x[rows(600)], comm=comm, eps=0.0)
+    for c in range(8):
+        m0 = math.fsum(x[:, c]) / 600
+        d = x[:, c] - m0
+        s1 = math.fsum(d)
+        var = (math.fsum(d * d) - s1 * (s1 / 600)) / 600
+        assert abs(m[c] - (m0 + s1 / 600)) <= np.spacing(m[c])
+        assert abs(1.0 / s[c] ** 2 - var) <= 1e-13 * var
+    same_on_every_rank(m)
+    same_on_every_rank(s)
+
+
 def test_channel_mismatch_raises_on_every_rank():
     C = 4 if rank == size - 1 and size > 1 else 3
     x = np.random.default_rng(rank).standard_normal((5, C))
