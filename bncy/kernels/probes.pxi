@@ -9,7 +9,7 @@ def stream_read(const floating[::1] x, int n_threads):
     with nogil:
         for b in prange(nb, schedule='static', num_threads=n_threads,
                         use_threads_if=n_threads > 1):
-            total += _run_sum(&x[b * SEG], _imin(SEG, n - b * SEG))
+            total += _run_shifted_sum(&x[b * SEG], _imin(SEG, n - b * SEG), 0.0)
     return total
 
 
