@@ -1032,7 +1032,7 @@ def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
     if not parts:
         raise ValueError("bncy: merge_stats needs at least one part")
     C = np.shape(parts[0].mean)[0]
-    n, merged = 0, []
+    n, used = 0, 0
     ref, rel, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
     for part in parts:
         nb = int(part.count)
@@ -1045,7 +1045,7 @@ def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
         mb = np.asarray(part.mean, dtype=np.float64)
         qb = np.asarray(part.m2, dtype=np.float64)
         lob = np.zeros(C) if lo is None else np.asarray(lo, dtype=np.float64)
-        merged.append((mb, qb, lob))
+        used += 1
         if n == 0:
             ref, rel, m2 = mb.copy(), lob.copy(), qb.copy()
         else:
@@ -1054,8 +1054,8 @@ def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
             rel = rel + delta * (nb / tot)
             m2 = m2 + qb + delta * delta * (n * (nb / tot))
         n += nb
-    if len(merged) == 1:
-        return BatchStats(n, *(a.copy() for a in merged[0]))
+    if used == 1:   # the one part as it is: ref, m2, rel are copies of its arrays
+        return BatchStats(n, ref, m2, rel)
     mean = ref + rel
     return BatchStats(n, mean, m2, rel - (mean - ref))
 
