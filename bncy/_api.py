@@ -642,7 +642,7 @@ def _apply_train(p: _TrainPlan, count: int, mean, m2):
     var, invstd, scale = np.empty(C), np.empty(C), np.empty(C)
     p.k.apply_train(_bits(p.x3), _bits(p.res3), p.relu, float(count), mean, m2, p.gamma,
                     p.shift, p.eps, _bits(p.y3), var, invstd, scale, p.running_mean,
-                    p.running_var, p.momentum, False, p.nt)
+                    p.running_var, p.momentum, p.nt)
     return p.result, mean, invstd
 
 

@@ -24,7 +24,7 @@ def grad_input(dy: _F, x: _F, center: _D, invstd: _D, a: _D, b: _D, k0: _D, dx_o
 # of shape (C,), any stride, or None.
 def apply_train(x: _F, count: float, mean: _D, m2: _D, gamma: _D | None, shift: _D,
                 eps: float, y_out: _F, var_out: _D, invstd_out: _D, scale_out: _D,
-                running_mean: object, running_var: object, momentum: float, rescue: bool,
+                running_mean: object, running_var: object, momentum: float,
                 n_threads: int) -> int: ...
 def finish_train(x: _F, count: float, mean: _D, m2: _D, scale: _D, shift: _D, y_out: _F,
                  running_mean: object, running_var: object, momentum: float,

@@ -230,10 +230,9 @@ def apply_train(const stored[:, :, ::1] x,   # IN (N, C, S), may be empty
                 double[::1] invstd_out,        # OUT (C,)
                 double[::1] scale_out,         # OUT (C,) gamma * invstd
                 running_mean, running_var,     # IN/OUT (C,) ndarrays, or None
-                double momentum, bint rescue, int n_threads):
-    """_apply_core: the coefficients, the affine pass, the running statistics.
-    Returns the count of channels to rescue; with rescue, when it is not 0,
-    nothing is written but the coefficients."""
+                double momentum, int n_threads):
+    """_apply_core without rescue: the coefficients, the affine pass, the running
+    statistics (NaN/inf propagate). Returns the count of channels to rescue."""
     cdef int rc, suspicious = 0
     cdef Running rm = _running(running_mean), rv = _running(running_var)
     cdef const double* gam = _opt(gamma)
@@ -245,7 +244,7 @@ def apply_train(const stored[:, :, ::1] x,   # IN (N, C, S), may be empty
                          x.shape[2], count, &mean[0], &m2[0], gam, &shift[0], eps,
                          &y_out[0, 0, 0] if some else NULL,
                          &var_out[0], &invstd_out[0], &scale_out[0], rm, rv, momentum,
-                         rescue, n_threads, &suspicious)
+                         False, n_threads, &suspicious)
     if rc != 0:
         raise MemoryError("bncy: could not allocate the per-column coefficients")
     return suspicious
@@ -281,7 +280,7 @@ def forward_train(const stored[:, :, ::1] x,   # IN (N, C, S)
                   double[::1] invstd_out,        # OUT (C,)
                   double[::1] scale_out,         # OUT (C,) gamma * invstd
                   running_mean, running_var, double momentum, int n_threads):
-    """moments, then apply_train with rescue. Returns the count of channels to
+    """moments, then _apply_core with rescue. Returns the count of channels to
     rescue; when it is not 0, y and the running statistics are left unwritten."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef int rc, suspicious = 0
