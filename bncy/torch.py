@@ -29,7 +29,8 @@ for an op that mutates its arguments, so the op is split in two:
   closed form, :func:`bncy.backward`); mean, invstd and the unbiased batch
   variance var are float64 (C,).
 * ``bncy::update_running_stats(running_mean!, running_var!, mean, var,
-  momentum)``, which declares the running statistics as mutated arguments.
+  momentum, batch?)``, which declares the running statistics as mutated
+  arguments (left alone when the batch, the input, is empty).
 
 dtypes: float32, float64, float16 and bfloat16 (bfloat16 through ml_dtypes,
 imported on first use). Weight, bias and the running statistics share one
@@ -693,10 +694,12 @@ _op_batch_norm_backward.register_autograd(_op_backward_twice)
 @torch.library.custom_op(
     "bncy::update_running_stats", mutates_args=("running_mean", "running_var"),
     schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-           "float momentum) -> ()")
-def _op_update_running_stats(running_mean, running_var, mean, var, momentum):
+           "float momentum, Tensor? batch=None) -> ()")
+def _op_update_running_stats(running_mean, running_var, mean, var, momentum, batch=None):
     """r = (1 - momentum) * r + momentum * s, with the batch mean and the unbiased
-    batch variance var (float64), as bncy.forward updates them."""
+    batch variance var (float64), as bncy.forward updates them; nothing when batch
+    (the input) is empty, as torch leaves them (checked here, when the op runs:
+    a traced graph does not bake the first batch's size in)."""
     _check_tensor(running_mean, "running_mean")
     if running_mean.dim() != 1:
         raise ValueError(f"bncy.torch: running_mean must be 1-D, got shape "
@@ -706,11 +709,12 @@ def _op_update_running_stats(running_mean, running_var, mean, var, momentum):
     _check_vector(mean, "mean", C, torch.float64)
     _check_vector(var, "var", C, torch.float64)
     _check_real(momentum, "momentum", 0.0, 1.0)
-    _update_running(running_mean, running_var, mean.numpy(), var.numpy(), momentum)
+    if batch is None or batch.numel() > 0:
+        _update_running(running_mean, running_var, mean.numpy(), var.numpy(), momentum)
 
 
 @_op_update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, momentum):
+def _(running_mean, running_var, mean, var, momentum, batch=None):
     return None
 
 
@@ -721,9 +725,9 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
     y, mean, _, var = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
                                                 bias, bool(training), eps, residual,
                                                 activation)
-    if training and running_mean is not None and running_var is not None \
-            and input.numel() > 0:
-        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum)
+    if training and running_mean is not None and running_var is not None:
+        torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum,
+                                            input)
     return y
 
 
@@ -869,10 +873,12 @@ class _BncyForward:
             return None, None, use_batch
         return self.running_mean, self.running_var, use_batch
 
-    def _count_batch(self) -> None:
-        """num_batches_tracked += 1 after a training pass (after it succeeded)."""
+    def _count_batch(self) -> bool:
+        """num_batches_tracked += 1 for a training pass; whether it counted."""
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+            return True
+        return False
 
     def forward(self, input, residual=None):
         if isinstance(input, torch.Tensor):   # else batch_norm's TypeError
@@ -883,11 +889,22 @@ class _BncyForward:
                 "with running statistics is not supported (the traced graph would not count "
                 "num_batches_tracked); trace it in eval mode")
         running_mean, running_var, use_batch = self._arguments()
-        y = batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch,
-                       self._factor(), self.eps, residual=residual,
-                       activation=self.activation)
-        self._count_batch()
-        return y
+        factor = self._factor()
+        return self._counted(lambda: batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch, factor,
+            self.eps, residual=residual, activation=self.activation))
+
+    def _counted(self, run):
+        """run() with num_batches_tracked counted first, as torch counts: a forward
+        that torch.utils.checkpoint re-runs (stopping once the saved tensors are
+        packed) counts again, as torch's does. Bad input takes the count back."""
+        counted = self._count_batch()
+        try:
+            return run()
+        except (TypeError, ValueError, NotImplementedError):
+            if counted:
+                self.num_batches_tracked.sub_(1)
+            raise
 
 
 class BatchNorm1d(_BncyForward, nn.BatchNorm1d):
@@ -1161,11 +1178,10 @@ class SyncBatchNorm(_BncyForward, nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         # every check runs inside the first exchange, so a bad input raises on all ranks
         running_mean, running_var, _ = self._arguments()
-        y = (_sync_call or _sync_batch_norm)(input, self.weight, self.bias, running_mean,
-                                             running_var, self._factor(), self.eps, group,
-                                             self.num_features)
-        self._count_batch()
-        return y
+        factor = self._factor()
+        return self._counted(lambda: (_sync_call or _sync_batch_norm)(
+            input, self.weight, self.bias, running_mean, running_var, factor, self.eps,
+            group, self.num_features))
 
 
 def _sync_batch_norm(*args):

@@ -275,6 +275,27 @@ def test_saved_tensors_go_through_autograd():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_counts_batches_as_torch(reentrant):
+    """Under torch.utils.checkpoint the module's forward runs again in the backward
+    (the non-reentrant kind stops once the saved tensors are packed): torch counts
+    num_batches_tracked before its call, so it counts the re-run too. bncy counts
+    the same, and with momentum=None the running statistics then follow torch's
+    over several steps."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None)).double()
+    mine = bt.convert(copy.deepcopy(ref))
+    for step in range(3):
+        x = data((6, 3), seed=step).requires_grad_()
+        for m in (ref, mine):
+            torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant).sum().backward()
+        assert int(mine[1].num_batches_tracked) == int(ref[1].num_batches_tracked) > step + 1
+        torch.testing.assert_close(mine[1].running_mean, ref[1].running_mean,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mine[1].running_var, ref[1].running_var,
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_forward_ad_and_func_transforms_raise():
     """Forward-mode AD and torch.func's grad transforms, which the op cannot
     follow, raise NotImplementedError (their tangents came out None or zero)."""
@@ -304,6 +325,28 @@ def test_jit_trace_records_the_op():
         with torch.no_grad():
             traced = torch.jit.trace(model, x1, check_trace=False)
             assert torch.equal(traced(x2), model(x2))
+
+
+def test_traced_training_module_leaves_stats_on_an_empty_batch():
+    """A module traced in training mode and then given an empty batch leaves its
+    running statistics as they are, as torch's does (the empty-batch check runs
+    in the op, not once at trace time)."""
+    mods = {"torch": nn.Sequential(nn.BatchNorm1d(3)).double()}
+    mods["bncy"] = bt.convert(copy.deepcopy(mods["torch"]))
+    x = data((6, 3), seed=1)
+    for name, m in mods.items():
+        with torch.no_grad(), pytest.warns():   # tracing itself warns (deprecated)
+            traced = torch.jit.trace(m, x, check_trace=False)
+        before = [t.clone() for t in (m[0].running_mean, m[0].running_var)]
+        with torch.no_grad():
+            traced(torch.empty(0, 3, dtype=torch.float64))
+        assert torch.equal(m[0].running_mean, before[0]), name
+        assert torch.equal(m[0].running_var, before[1]), name
+        with torch.no_grad():
+            traced(data((6, 3), seed=2))
+        assert not torch.equal(m[0].running_mean, before[0]), name
+    torch.testing.assert_close(mods["bncy"][0].running_var, mods["torch"][0].running_var,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_fx_symbolic_trace():
