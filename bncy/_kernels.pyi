@@ -1,10 +1,13 @@
 # Type stub of the compiled kernels (bncy/_kernels.pyx). Private: no validation.
-# Arrays: x, dy, y_out, dx_out are C-contiguous (N, C, S) float32 or float64 of one
-# dtype; every per-channel vector is a C-contiguous float64 array of shape (C,).
+# Arrays: x, dy, res, y_out, dx_out, dres_out are C-contiguous (N, C, S) arrays of
+# one storage type: float32, float64, or the bits of float16 (uint16) or bfloat16 (int16)
+# (bncy._api._bits); every per-channel vector is a C-contiguous float64 array of
+# shape (C,). res: the residual (None without one); relu: ReLU after it.
 import numpy as np
 import numpy.typing as npt
 
-_F = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+_F = (npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.uint16]
+      | npt.NDArray[np.int16])
 _D = npt.NDArray[np.float64]
 
 BLOCKING: dict[str, int]
@@ -16,30 +19,35 @@ def isa() -> str: ...
 def max_threads() -> int: ...
 def moments(x: _F, mean_out: _D, m2_out: _D, n_threads: int,
             lo_out: _D | None = None) -> None: ...
-def grad_sums(dy: _F, x: _F, center: _D, sdy_out: _D, sdyx_out: _D, n_threads: int) -> None: ...
+def grad_sums(dy: _F, x: _F, center: _D, sdy_out: _D, sdyx_out: _D, n_threads: int,
+              res: _F | None = None, relu: bool = False, scale: _D | None = None,
+              shift: _D | None = None) -> None: ...
 def affine(x: _F, center: _D, scale: _D, shift: _D, y_out: _F, n_threads: int) -> None: ...
 def grad_input(dy: _F, x: _F, center: _D, invstd: _D, a: _D, b: _D, k0: _D, dx_out: _F,
                n_threads: int) -> None: ...
 # Jobs (bncy/kernels/jobs.pxi); running_mean/running_var: float32/float64 ndarrays
 # of shape (C,), any stride, or None.
-def apply_train(x: _F, count: float, mean: _D, m2: _D, gamma: _D | None, shift: _D,
-                eps: float, y_out: _F, var_out: _D, invstd_out: _D, scale_out: _D,
-                running_mean: object, running_var: object, momentum: float,
-                n_threads: int) -> int: ...
-def finish_train(x: _F, count: float, mean: _D, m2: _D, scale: _D, shift: _D, y_out: _F,
-                 running_mean: object, running_var: object, momentum: float,
-                 n_threads: int) -> None: ...
-def forward_train(x: _F, gamma: _D | None, shift: _D, eps: float, y_out: _F,
-                  mean_out: _D, m2_out: _D, var_out: _D, invstd_out: _D, scale_out: _D,
-                  running_mean: object, running_var: object, momentum: float,
-                  n_threads: int) -> int: ...
-def apply_grad(dy: _F, x: _F, mean: _D, invstd: _D, gamma: _D | None, sdy: _D, sdyx: _D,
-               count: float, batch_stats: bool, dx_out: _F, dgamma_out: _D,
+def apply_train(x: _F, res: _F | None, relu: bool, count: float, mean: _D, m2: _D,
+                gamma: _D | None, shift: _D, eps: float, y_out: _F, var_out: _D,
+                invstd_out: _D, scale_out: _D, running_mean: object, running_var: object,
+                momentum: float, n_threads: int) -> int: ...
+def finish_train(x: _F, res: _F | None, relu: bool, count: float, mean: _D, m2: _D,
+                 scale: _D, shift: _D, y_out: _F, running_mean: object,
+                 running_var: object, momentum: float, n_threads: int) -> None: ...
+def forward_train(x: _F, res: _F | None, relu: bool, gamma: _D | None, shift: _D,
+                  eps: float, y_out: _F, mean_out: _D, m2_out: _D, var_out: _D,
+                  invstd_out: _D, scale_out: _D, running_mean: object, running_var: object,
+                  momentum: float, n_threads: int) -> int: ...
+def apply_grad(dy: _F, x: _F, res: _F | None, relu: bool, mean: _D, invstd: _D,
+               gamma: _D | None, shift: _D, sdy: _D, sdyx: _D, count: float,
+               batch_stats: bool, dx_out: _F, dres_out: _F | None, dgamma_out: _D,
                n_threads: int) -> None: ...
-def backward_train(dy: _F, x: _F, mean: _D, invstd: _D, gamma: _D | None, dx_out: _F,
+def backward_train(dy: _F, x: _F, res: _F | None, relu: bool, mean: _D, invstd: _D,
+                   gamma: _D | None, shift: _D, dx_out: _F, dres_out: _F | None,
                    sdy_out: _D, dgamma_out: _D, n_threads: int) -> None: ...
-def inference_train(x: _F, running_mean: _D, running_var: _D, gamma: _D | None,
-                    beta: _D | None, eps: float, y_out: _F, n_threads: int) -> None: ...
+def inference_train(x: _F, res: _F | None, relu: bool, running_mean: _D,
+                    running_var: _D, gamma: _D | None, beta: _D | None, eps: float,
+                    y_out: _F, n_threads: int) -> None: ...
 def stream_read(x: _F, n_threads: int) -> float: ...
 def stream_scale(x: _F, y_out: _F, n_threads: int) -> None: ...
 # Speed knobs (bncy/kernels/knobs.pxi) and describe()
