@@ -725,7 +725,10 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
     y, mean, _, var = torch.ops.bncy.batch_norm(input, running_mean, running_var, weight,
                                                 bias, bool(training), eps, residual,
                                                 activation)
-    if training and running_mean is not None and running_var is not None:
+    # an empty batch leaves them; under torch.jit.trace the op itself checks, so
+    # that the graph does not keep the traced batch's size
+    if training and running_mean is not None and running_var is not None \
+            and (_tracing() is not None or input.numel() > 0):
         torch.ops.bncy.update_running_stats(running_mean, running_var, mean, var, momentum,
                                             input)
     return y

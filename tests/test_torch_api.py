@@ -349,6 +349,24 @@ def test_traced_training_module_leaves_stats_on_an_empty_batch():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_vmap_as_torch():
+    """torch.vmap over training calls: per-sample statistics without running
+    ones, an empty batch leaves the running statistics alone, and a batch with
+    them raises (vmap cannot update one buffer per sample), as torch does."""
+    x = data((3, 6, 4))
+    y = torch.vmap(lambda t: bt.batch_norm(t, None, None, training=True))(x)
+    assert torch.equal(y, torch.stack([bt.batch_norm(t, None, None, training=True)
+                                       for t in x]))
+    for fn in (bt.batch_norm, torch.nn.functional.batch_norm):
+        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        out = torch.vmap(lambda t: fn(t, rm, rv, training=True))(
+            torch.empty(2, 0, 4, dtype=torch.float64))
+        assert out.shape == (2, 0, 4) and torch.equal(rm, torch.zeros(4))
+        assert torch.equal(rv, torch.ones(4))
+        with pytest.raises(RuntimeError):
+            torch.vmap(lambda t: fn(t, rm, rv, training=True))(x)
+
+
 def test_fx_symbolic_trace():
     """bncy's batch_norm is a leaf of torch.fx.symbolic_trace, as torch's is; a
     module in training mode with running statistics is refused (the graph
