@@ -858,15 +858,6 @@ class _BncyForward:
         s = super().extra_repr()
         return s if self.activation is None else f"{s}, activation={self.activation!r}"
 
-    def _factor(self) -> float:
-        """The running statistics' momentum for this call: ``momentum``, or with
-        momentum=None the cumulative average's 1 / (batches tracked after it)."""
-        if self.momentum is not None:
-            return self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            return 1.0 / (float(self.num_batches_tracked) + 1.0)
-        return 0.0
-
     def _arguments(self):
         """(running_mean, running_var, use_batch_stats), torch's rules: batch
         statistics in training mode and when there are no running ones; running
@@ -875,13 +866,6 @@ class _BncyForward:
         if self.training and not self.track_running_stats:
             return None, None, use_batch
         return self.running_mean, self.running_var, use_batch
-
-    def _count_batch(self) -> bool:
-        """num_batches_tracked += 1 for a training pass; whether it counted."""
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            return True
-        return False
 
     def forward(self, input, residual=None):
         if isinstance(input, torch.Tensor):   # else batch_norm's TypeError
@@ -892,18 +876,25 @@ class _BncyForward:
                 "with running statistics is not supported (the traced graph would not count "
                 "num_batches_tracked); trace it in eval mode")
         running_mean, running_var, use_batch = self._arguments()
-        factor = self._factor()
-        return self._counted(lambda: batch_norm(
+        return self._counted(lambda factor: batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch, factor,
             self.eps, residual=residual, activation=self.activation))
 
     def _counted(self, run):
-        """run() with num_batches_tracked counted first, as torch counts: a forward
-        that torch.utils.checkpoint re-runs (stopping once the saved tensors are
-        packed) counts again, as torch's does. Bad input takes the count back."""
-        counted = self._count_batch()
+        """run(factor) of a pass, with num_batches_tracked += 1 first in training,
+        as torch counts: a forward that torch.utils.checkpoint re-runs (stopping
+        once the saved tensors are packed) counts again, as torch's does. factor:
+        ``momentum``, or with momentum=None the cumulative average's 1 / (batches
+        tracked, this one included). Bad input takes the count back."""
+        counted = (self.training and self.track_running_stats
+                   and self.num_batches_tracked is not None)
+        if counted:
+            self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:
+            factor = 1.0 / float(self.num_batches_tracked) if counted else 0.0
         try:
-            return run()
+            return run(factor)
         except (TypeError, ValueError, NotImplementedError):
             if counted:
                 self.num_batches_tracked.sub_(1)
@@ -1181,8 +1172,7 @@ class SyncBatchNorm(_BncyForward, nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         # every check runs inside the first exchange, so a bad input raises on all ranks
         running_mean, running_var, _ = self._arguments()
-        factor = self._factor()
-        return self._counted(lambda: (_sync_call or _sync_batch_norm)(
+        return self._counted(lambda factor: (_sync_call or _sync_batch_norm)(
             input, self.weight, self.bias, running_mean, running_var, factor, self.eps,
             group, self.num_features))
 
