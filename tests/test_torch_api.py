@@ -1062,6 +1062,46 @@ def test_converted_model_in_bfloat16_trains():
     assert mine(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", HALVES)
+def test_converted_model_under_cpu_autocast_as_torch(dtype):
+    """torch.autocast("cpu") runs the convolutions in 16 bits and hands batch norm a
+    16-bit input with float32 parameters and buffers (torch leaves batch_norm
+    out of its cast lists). Over 2 SGD steps the converted model gives torch's
+    output dtype, and its running statistics, gradients and eval output agree
+    with torch's own model under autocast within the 16-bit rounding."""
+    half(dtype)
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(),
+                           nn.Linear(4 * 6 * 6, 2))
+    mine = bt.convert(copy.deepcopy(theirs))
+    x = data((8, 3, 6, 6), torch.float32, offset=0.0)
+    grads = []
+    for model in (theirs, mine):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                out = model(x)
+            assert out.dtype == dtype
+            out.float().square().mean().backward()
+            opt.step()
+        grads.append([p.grad for p in model.parameters()])
+    assert isinstance(mine[1], bt.BatchNorm2d) and mine[1].running_mean.dtype == torch.float32
+    for (name, p), q in zip(theirs.state_dict().items(), mine.state_dict().values()):
+        assert q.dtype == p.dtype, name
+        torch.testing.assert_close(q, p, rtol=ULP[dtype], atol=1e-5, msg=name)
+    for g, h in zip(*grads):
+        torch.testing.assert_close(h, g, rtol=ULP[dtype], atol=1e-4)
+    for model in (theirs, mine):
+        model.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        y_theirs, y_mine = theirs(x), mine(x)
+    assert y_mine.dtype == y_theirs.dtype == dtype
+    torch.testing.assert_close(y_mine.float(), y_theirs.float(), rtol=2 * ULP[dtype],
+                               atol=1e-3)
+
+
 def test_bfloat16_without_ml_dtypes_raises_a_clear_type_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)
     monkeypatch.setattr(bt, "_BFLOAT16", [])
