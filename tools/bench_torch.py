@@ -17,7 +17,11 @@ interleaved (one of each per round) and the minimum over the rounds is reported
   bncy.torch adds over bncy itself is the difference;
 * floor (fwd+bwd only): the same step through a torch.autograd.Function that
   computes nothing (its forward and backward return new empty tensors): the
-  least that autograd costs a Python-defined op, whatever it computes.
+  least that autograd costs a Python-defined op, whatever it computes;
+* bare (fwd+bwd only): the same step through a Function that makes NumPy views
+  of the tensors, calls bncy.forward / bncy.backward and wraps the results, and
+  does nothing else (no checks, no bookkeeping): the least that a Python op
+  around bncy's kernels costs.
 
 bncy.torch is ``bncy.torch.batch_norm`` (the eager path); torch is
 ``torch.nn.functional.batch_norm``. Outputs are new tensors on every call, as in
@@ -91,6 +95,26 @@ class _Nothing(torch.autograd.Function):
         return torch.empty_like(dy), dy.new_empty(dy.shape[1]), dy.new_empty(dy.shape[1])
 
 
+class _Bare(torch.autograd.Function):
+    """bncy's NumPy calls in a Function and nothing else (see bare above)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, rm, rv):
+        y, mean, invstd = bncy.forward(x.detach().numpy(), w.detach().numpy(),
+                                       b.detach().numpy(), running_mean=rm.numpy(),
+                                       running_var=rv.numpy(), n_threads=torch.get_num_threads())
+        ctx.save_for_backward(x, w)
+        ctx.stats = mean, invstd
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        r = bncy.backward(dy.numpy(), x.detach().numpy(), *ctx.stats, w.detach().numpy(),
+                          n_threads=torch.get_num_threads())
+        return torch.from_numpy(r[0]), torch.from_numpy(r[1]), torch.from_numpy(r[2]), None, None
+
+
 def _case(shape, channels_last, dtype):
     """The calls to time for one case: {name: callable}."""
     g = torch.Generator().manual_seed(0)
@@ -142,6 +166,8 @@ def _case(shape, channels_last, dtype):
         ("fwd+bwd", "numpy"): lambda: numpy_step(),
         ("fwd+bwd", "floor"): lambda: torch.autograd.grad(_Nothing.apply(xg, w, b), (xg, w, b),
                                                           dy),
+        ("fwd+bwd", "bare"): lambda: torch.autograd.grad(_Bare.apply(xg, w, b, rm, rv),
+                                                         (xg, w, b), dy),
     }
 
 
@@ -159,7 +185,7 @@ def run_ops(threads, shapes, repeats, budget):
             for op in ("forward", "backward", "fwd+bwd"):
                 row = {"case": label, "dtype": str(dtype).removeprefix("torch."), "op": op,
                        "threads": nt}
-                for who in ("bncy.torch", "torch", "numpy", "floor"):
+                for who in ("bncy.torch", "torch", "numpy", "floor", "bare"):
                     if (op, who) in t:
                         key = who.replace(".", "_")
                         row[f"{key}_s"], row[f"{key}_median_s"] = t[(op, who)]
@@ -171,17 +197,19 @@ def run_ops(threads, shapes, repeats, budget):
 def print_ops(rows):
     print(f"{'case':32s} {'dtype':8s} {'op':9s} {'thr':>3s} {'bncy.torch':>11s} "
           f"{'torch':>10s} {'vs torch':>9s} {'numpy':>10s} {'over numpy':>11s} "
-          f"{'floor':>10s} {'over np+floor':>14s}")
+          f"{'floor':>10s} {'over np+floor':>14s} {'bare':>10s} {'torch/bare':>11s}")
     for r in rows:
-        numpy, floor = r.get("numpy_s"), r.get("floor_s")
+        numpy, floor, bare = r.get("numpy_s"), r.get("floor_s"), r.get("bare_s")
         over = "-" if numpy is None else f"{(r['bncy_torch_s'] - numpy) * 1e6:+.1f} us"
         over_floor = "-" if floor is None else \
             f"{(r['bncy_torch_s'] - numpy - floor) * 1e6:+.1f} us"
+        vs_bare = "-" if bare is None else f"{r['torch_s'] / bare:.2f}x"
         print(f"{r['case']:32s} {r['dtype']:8s} {r['op']:9s} {r['threads']:>3d} "
               f"{_fmt(r['bncy_torch_s']):>11s} {_fmt(r['torch_s']):>10s} "
               f"{r['torch_s'] / r['bncy_torch_s']:>8.2f}x "
               f"{'-' if numpy is None else _fmt(numpy):>10s} {over:>11s} "
-              f"{'-' if floor is None else _fmt(floor):>10s} {over_floor:>14s}")
+              f"{'-' if floor is None else _fmt(floor):>10s} {over_floor:>14s} "
+              f"{'-' if bare is None else _fmt(bare):>10s} {vs_bare:>11s}")
 
 
 # ---------------------------------------------------------------------------
