@@ -104,13 +104,15 @@ class BuildExt(build_ext):
     compiles the extensions side by side: each is one C file, and the three
     kernel builds take about a minute each at -O3. ``-j N`` or
     ``BNCY_BUILD_JOBS=N`` sets how many at once (1: one by one); the default is
-    the number of CPUs."""
+    the number of CPUs, except on Windows (one by one: MSVC's compiler object
+    initialises itself on first use, untested from several threads)."""
 
     def finalize_options(self):
         super().finalize_options()
         if not self.parallel:
-            jobs = os.environ.get("BNCY_BUILD_JOBS", "")
-            self.parallel = int(jobs) if jobs.strip() else (os.cpu_count() or 1)
+            jobs = os.environ.get("BNCY_BUILD_JOBS", "").strip()
+            default = 1 if os.name == "nt" else (os.cpu_count() or 1)
+            self.parallel = int(jobs) if jobs else default
 
     def build_extensions(self):
         cc = self.compiler
