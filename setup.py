@@ -108,11 +108,10 @@ class BuildExt(build_ext):
     initialises itself on first use, untested from several threads)."""
 
     def finalize_options(self):
-        super().finalize_options()
-        if not self.parallel:
-            jobs = os.environ.get("BNCY_BUILD_JOBS", "").strip()
+        if not self.parallel:   # a string is checked by build_ext, as -j's is
             default = 1 if os.name == "nt" else (os.cpu_count() or 1)
-            self.parallel = int(jobs) if jobs else default
+            self.parallel = os.environ.get("BNCY_BUILD_JOBS", "").strip() or default
+        super().finalize_options()
 
     def build_extensions(self):
         cc = self.compiler
